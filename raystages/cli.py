@@ -1,0 +1,105 @@
+"""The ``raystages`` command: one sub-command per verb, each a thin call into the package.
+
+Exit status: 0 done, 1 the run failed, 2 bad spec or bad input (nothing started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from raystages.bench import BENCHES
+
+TRAINING_STAGES = ("pretrain",)
+
+
+def _print_result(result) -> None:
+    m = result.metrics
+    print(f"\n== {result.stage} finished ==")
+    for key in ("step", "loss", "val_loss", "val_ppl", "throughput", "tflops", "mfu",
+                "skipped_rows", "wall_s"):
+        if key in m:
+            v = m[key]
+            print(f"  {key:<14} {v:.4g}" if isinstance(v, float) else f"  {key:<14} {v}")
+    for s in m.get("samples", []):
+        print(f"  sample: {s['prompt']!r} -> {s['completion']!r}"
+              + (f"  (oracle reward {s['oracle_reward']:.2f})" if "oracle_reward" in s else ""))
+    print(f"  checkpoint     {result.export_dir}")
+    print(f"  run dir        {result.run_dir}")
+
+
+def _run_stage(args) -> int:
+    from raystages.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides, stage=args.command)
+    module = __import__(f"raystages.stages.{args.command}", fromlist=["run"])
+    _print_result(module.run(spec))
+    return 0
+
+
+def _show_spec(args) -> int:
+    import yaml
+
+    from raystages.spec import SPECS, load_spec
+
+    if args.reference:
+        from raystages.specdoc import markdown_reference
+
+        print(markdown_reference(SPECS[args.stage]))
+        return 0
+    spec = load_spec(args.spec, args.overrides, stage=args.stage)
+    print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _bench(args) -> int:
+    from raystages.bench import run_bench
+
+    print(json.dumps(run_bench(args.what, args.overrides), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raystages", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for stage in TRAINING_STAGES:
+        sp = sub.add_parser(stage, help=f"run the {stage} stage on Ray Train")
+        sp.add_argument("spec", nargs="?", help="YAML job spec (default: the built-in defaults)")
+        sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
+        sp.set_defaults(func=_run_stage)
+    sp = sub.add_parser("spec", help="print a stage's full spec with defaults and overrides applied")
+    sp.add_argument("stage", choices=TRAINING_STAGES)
+    sp.add_argument("--reference", action="store_true", help="print the field reference as Markdown")
+    sp.add_argument("spec", nargs="?")
+    sp.add_argument("overrides", nargs="*")
+    sp.set_defaults(func=_show_spec)
+    sp = sub.add_parser("bench", help="side-by-side benchmarks that print their figures")
+    sp.add_argument("what", choices=BENCHES)
+    sp.add_argument("overrides", nargs="*")
+    sp.set_defaults(func=_bench)
+    return p
+
+
+def _split_spec_arg(args) -> None:
+    # `raystages pretrain optim.lr=1e-3` (no spec file): the first positional is an override.
+    if getattr(args, "spec", None) and "=" in args.spec and not args.spec.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.spec)
+        args.spec = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raystages.data.sources import DataError
+    from raystages.spec import SpecError
+
+    args = build_parser().parse_args(argv)
+    _split_spec_arg(args)
+    try:
+        return args.func(args)
+    except (SpecError, DataError) as e:
+        print(f"raystages: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: sources (files, hub names, the built-in task), tokenisation, packing, per-stage rows."""

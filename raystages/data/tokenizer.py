@@ -1,0 +1,29 @@
+"""Choosing the tokenizer of a run: the spec's, the starting checkpoint's, or one trained here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def prepare_tokenizer(spec, training_texts: list[str]) -> str:
+    """Write the run's tokenizer to ``run_dir/tokenizer`` and return that path.
+
+    Priority: ``tokenizer.path``, then ``model.path`` (a checkpoint carries its tokenizer),
+    then a byte-level BPE trained on the first ``tokenizer.train_docs`` training texts.
+    A rerun reuses the tokenizer already there, so a resumed run keeps its vocabulary.
+    """
+    from raystages.models import load_tokenizer, train_tokenizer
+
+    out = spec.run_dir() / TOKENIZER_DIR
+    if (out / "tokenizer_config.json").is_file():
+        return str(out)
+    source = spec.tokenizer.path or spec.model.path
+    if source:
+        tok = load_tokenizer(source, spec.model.trust_remote_code)
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(out))
+    else:
+        train_tokenizer(training_texts[: spec.tokenizer.train_docs], spec.tokenizer.vocab_size, out)
+    return str(Path(out))

@@ -1,0 +1,190 @@
+"""Model presets, tokenizers (trained locally or loaded), model building, HF export.
+
+Everything here loads from local directories or builds from configs: nothing downloads
+unless the spec names a hub id on a machine that can reach the hub. Weights load from
+safetensors only, and ``trust_remote_code`` stays off unless the spec turns it on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# Llama-architecture presets. Head sizes are 32/64/128 so the same checkpoints run in
+# vLLM's CPU backend. The small ones tie embeddings (a big share of their parameters).
+PRESETS: dict[str, dict[str, Any]] = {
+    "nano": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                 tie_word_embeddings=True),
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                 tie_word_embeddings=True),
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                  num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+                  tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8,
+                     max_position_embeddings=4096, rope_theta=500000.0),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32,
+                     max_position_embeddings=4096),
+}
+
+SPECIAL_TOKENS = {
+    "eos": "<|endoftext|>",
+    "pad": "<|pad|>",
+    "extra": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+}
+END_OF_TURN = "<|end|>"
+# Each turn is "<|role|>\ncontent<|end|>\n"; the assistant's "<|end|>" is supervised so the
+# model learns to stop, and generation treats it as an end-of-sequence token.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def preset_config(name: str, vocab_size: int, overrides: dict | None = None):
+    from transformers import LlamaConfig
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    kwargs = {**PRESETS[name], **(overrides or {})}
+    return LlamaConfig(vocab_size=vocab_size, **kwargs)
+
+
+def context_length(preset: str | None, path: str | None, overrides: dict | None) -> int | None:
+    """The model's context length as far as it can be known without loading weights."""
+    overrides = overrides or {}
+    if "max_position_embeddings" in overrides:
+        return int(overrides["max_position_embeddings"])
+    if preset:
+        return PRESETS[preset]["max_position_embeddings"] if preset in PRESETS else None
+    if path and (Path(path) / "config.json").is_file():
+        return json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+    return None
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLike):
+    """Train a byte-level BPE on ``texts`` and save it as a Hugging Face tokenizer with the
+    chat template. Deterministic for the same texts and vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [SPECIAL_TOKENS["eos"], SPECIAL_TOKENS["pad"], *SPECIAL_TOKENS["extra"]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=SPECIAL_TOKENS["eos"], bos_token=None,
+        pad_token=SPECIAL_TOKENS["pad"], additional_special_tokens=SPECIAL_TOKENS["extra"])
+    hf.chat_template = CHAT_TEMPLATE
+    _atomic_save(hf.save_pretrained, out_dir)
+    return hf
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """A tokenizer from a local dir or hub id; gets a pad token and chat template if absent."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def gpt2_tokenizer_from_files(directory: str | os.PathLike):
+    """GPT-2's byte-level BPE built from ``encoder.json`` + ``vocab.bpe`` (the same bytes
+    as the hub's vocab.json/merges.txt), so a real GPT-2 tokenizer works offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = Path(directory)
+    bpe = Tokenizer(models.BPE.from_file(str(d / "encoder.json"), str(d / "vocab.bpe")))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tok.pad_token = tok.eos_token
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def end_token_ids(tokenizer) -> list[int]:
+    """Token ids that end a generation: eos, and the end-of-turn marker when present."""
+    ids = [tokenizer.eos_token_id]
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if isinstance(end, int) and end != tokenizer.unk_token_id and end not in ids:
+        ids.append(end)
+    return ids
+
+
+def build_causal_lm(model_spec, tokenizer, seed: int):
+    """A causal LM from a preset (fresh weights, seeded) or a checkpoint dir / hub id."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if model_spec.path:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_spec.path, use_safetensors=True, dtype=torch.float32,
+            trust_remote_code=model_spec.trust_remote_code, **model_spec.config_overrides)
+    else:
+        torch.manual_seed(seed)
+        config = preset_config(model_spec.preset, len(tokenizer), model_spec.config_overrides)
+        config.pad_token_id = tokenizer.pad_token_id
+        config.eos_token_id = end_token_ids(tokenizer)
+        config.bos_token_id = None
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def export_hf(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[str, Any] | None = None):
+    """Save model (safetensors) + tokenizer + generation config to ``out_dir`` atomically:
+    written beside it and renamed into place, so a crash never leaves a half export."""
+    from transformers import GenerationConfig
+
+    def write(tmp: str):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if getattr(model.config, "is_decoder", True) and hasattr(model, "generate"):
+            GenerationConfig(eos_token_id=end_token_ids(tokenizer),
+                             pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
+        for name, obj in (extra_files or {}).items():
+            Path(tmp, name).write_text(json.dumps(obj, indent=2, default=str))
+
+    _atomic_save(write, out_dir)
+
+
+def _atomic_save(write, out_dir: str | os.PathLike) -> None:
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

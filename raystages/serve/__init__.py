@@ -1,0 +1,1 @@
+"""Serving: Ray Serve applications for each stage's model, and plain transformers generation."""

@@ -1,0 +1,230 @@
+"""Typed job specs: the one source of every knob.
+
+A spec is YAML (read with a safe loader) validated into these pydantic models; unknown keys
+are errors. ``key.sub=value`` overrides on the command line are applied before validation,
+values parsed as YAML scalars (``optim.lr=1e-3``, ``scaling.num_workers=1``). A bad spec
+raises :class:`SpecError`, which the CLI turns into exit status 2 before Ray starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the field and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Section):
+    preset: str | None = Field("tiny", description="Built-in Llama preset (nano, tiny, small, llama-1b, llama-7b); ignored when `path` is set.")
+    path: str | None = Field(None, description="Hugging Face checkpoint dir or hub id to start from.")
+    config_overrides: dict[str, Any] = Field(default_factory=dict, description="Fields set on the model config, e.g. {num_hidden_layers: 2}.")
+    trust_remote_code: bool = Field(False, description="Allow code shipped with a checkpoint to run. Off: loading stays safe.")
+
+    @model_validator(mode="after")
+    def _preset_known(self):
+        from raystages.models import PRESETS
+
+        if self.path is None and self.preset not in PRESETS:
+            raise ValueError(f"model.preset {self.preset!r} is not a preset; choose one of {sorted(PRESETS)} or set model.path")
+        return self
+
+
+class TokenizerSpec(Section):
+    path: str | None = Field(None, description="Tokenizer dir or hub id. Default: the model's own, or one trained on the training text for presets.")
+    vocab_size: int = Field(512, ge=300, le=1_000_000, description="Vocabulary size when training a tokenizer.")
+    train_docs: int = Field(2000, ge=1, description="Documents of the training text used to train a tokenizer.")
+
+
+class BuiltinTaskSpec(Section):
+    seed: int = Field(0, description="Seed of the task generator; every split is a pure function of it.")
+    num_train: int = Field(4000, ge=1, description="Training rows (documents for pretraining).")
+    num_val: int = Field(200, ge=1, description="Held-out rows.")
+    min_len: int = Field(3, ge=1, le=12, description="Fewest letters in a problem.")
+    max_len: int = Field(6, ge=1, le=12, description="Most letters in a problem.")
+    noise: float = Field(0.3, ge=0, le=1, description="Pretraining corpus: share of deliberately wrong answers.")
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.min_len > self.max_len:
+            raise ValueError("min_len must be <= max_len")
+        return self
+
+
+class DataSpec(Section):
+    source: str = Field("builtin", description="`builtin`, a local .txt/.jsonl/.json/.parquet file or directory, or a hub dataset name.")
+    val_source: str | None = Field(None, description="Held-out data; default: `val_fraction` of `source` (or the built-in val split).")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of `source` held out when `val_source` is unset.")
+    text_field: str = Field("text", description="Column holding the text (jsonl/parquet/hub).")
+    hub_split: str = Field("train", description="Split name for hub datasets.")
+    on_bad_row: Literal["error", "skip"] = Field("error", description="A row without usable text: fail naming file and row, or skip and count it.")
+    max_rows: int | None = Field(None, ge=1, description="Read at most this many rows.")
+    builtin: BuiltinTaskSpec = Field(default_factory=BuiltinTaskSpec)
+
+    @model_validator(mode="after")
+    def _files_exist(self):
+        from raystages.data.sources import check_source
+
+        for name in ("source", "val_source"):
+            value = getattr(self, name)
+            if value is not None:
+                problem = check_source(value)
+                if problem:
+                    raise ValueError(f"{name}: {problem}")
+        return self
+
+
+class OptimSpec(Section):
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of `lr`.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW (beta1, beta2).")
+    max_steps: int = Field(300, ge=1, description="Optimizer steps in the run.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per worker per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 turns clipping off.")
+    seq_len: int = Field(128, ge=1, description="Tokens per packed training block.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 on GPUs that support it; fp32 on CPU.")
+
+
+class DeepSpeedSpec(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage 0–3.")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer state on CPU (compiles DeepSpeed's CPU Adam once).")
+    offload_param: bool = Field(False, description="ZeRO-3 parameters on CPU.")
+    config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config merged over the generated one.")
+
+    @model_validator(mode="after")
+    def _offload(self):
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class ScalingSpec(Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU workers use gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves; also its torch thread count (rounded up).")
+    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs each worker reserves when use_gpu.")
+
+
+class RunSpec(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: `storage_path/name` is the run dir; rerunning the same name resumes.")
+    storage_path: str = Field("runs", description="Where runs live (shared storage on a cluster).")
+    seed: int = Field(0, description="Seed for weights, data order and sampling.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between Ray Train checkpoints (full DeepSpeed state).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (Ray Train num_to_keep).")
+    max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
+    eval_every: int = Field(50, ge=1, description="Steps between held-out evaluations.")
+    eval_batches: int = Field(8, ge=1, description="Micro-batches per rank in each evaluation.")
+    samples: int = Field(3, ge=0, description="Greedy samples printed at the end.")
+
+
+class LoggingSpec(Section):
+    log_every: int = Field(10, ge=1, description="Steps between progress lines (rank 0).")
+    tensorboard: bool = Field(True, description="Write TensorBoard events to the run dir.")
+    peak_tflops: float | None = Field(None, gt=0, description="Per-worker peak TFLOP/s for MFU; known GPUs are detected.")
+
+
+class StageSpec(Section):
+    stage: str
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+    @model_validator(mode="after")
+    def _fits_context(self):
+        from raystages.models import context_length
+
+        ctx = context_length(self.model.preset if not self.model.path else None,
+                             self.model.path, self.model.config_overrides)
+        if ctx is not None and self.optim.seq_len > ctx:
+            raise ValueError(f"optim.seq_len {self.optim.seq_len} exceeds the model's context of {ctx} tokens")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.run.storage_path).resolve() / self.run.name
+
+    def digest(self) -> str:
+        """A stable hash of the spec: the same spec gives the same hash on every machine."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class PretrainSpec(StageSpec):
+    """Pretraining: a causal LM on packed blocks of unlabelled text."""
+
+    stage: Literal["pretrain"] = "pretrain"
+
+
+SPECS: dict[str, type[StageSpec]] = {"pretrain": PretrainSpec}
+
+
+def register(name: str, spec_cls: type[StageSpec]) -> None:
+    SPECS[name] = spec_cls
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"override {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"override {key!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    return raw
+
+
+def parse_spec(raw: dict, stage: str | None = None, source: str = "<spec>") -> StageSpec:
+    stage = stage or raw.get("stage")
+    if stage not in SPECS:
+        raise SpecError(f"{source}: stage: {stage!r} is not one of {sorted(SPECS)}")
+    raw = {**raw, "stage": stage}
+    try:
+        return SPECS[stage].model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(spec)"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err.get("input"), dict) else ""))
+        raise SpecError(f"{source}: invalid {stage} spec\n" + "\n".join(lines)) from None
+
+
+def load_spec(path: str | Path | None, overrides: list[str] = (), stage: str | None = None) -> StageSpec:
+    """Read a YAML spec (or start from defaults when ``path`` is None), apply overrides, validate."""
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError(f"spec file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SpecError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise SpecError(f"{p}: a spec is a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, list(overrides))
+    return parse_spec(raw, stage, source=str(path or "<defaults>"))

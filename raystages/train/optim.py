@@ -1,0 +1,60 @@
+"""DeepSpeed config and learning-rate schedule built from the spec."""
+
+from __future__ import annotations
+
+import math
+
+
+def deepspeed_config(spec) -> dict:
+    o, z = spec.optim, spec.deepspeed
+    zero: dict = {"stage": z.zero_stage}
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
+    if z.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
+    if z.zero_stage == 3:
+        # Export gathers the full model on every rank; keep it gatherable without a
+        # 16-bit consolidated copy.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    config = {
+        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "gradient_accumulation_steps": o.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": o.precision == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW: DeepSpeed's fused CPU Adam would compile C++ first (offload
+            # still uses it, which is what offload needs).
+            "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay,
+                       "eps": 1e-8, "torch_adam": not z.offload_optimizer},
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, z.config)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def lr_lambda(optim_spec):
+    """Multiplier of the peak lr at each step: linear warmup, then cosine/linear/constant."""
+    warm, total, floor = optim_spec.warmup_steps, optim_spec.max_steps, optim_spec.min_lr_ratio
+    kind = optim_spec.schedule
+
+    def fn(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
+        return floor + (1 - floor) * shape
+
+    return fn

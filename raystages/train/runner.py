@@ -1,0 +1,128 @@
+"""Driver side of a training stage: connect to Ray, fit a TorchTrainer, collect the export.
+
+``run_training`` is what every Ray Train stage calls after preparing its datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from raystages import __version__
+
+EXPORT_DIR = "model"
+# Progress bars from transformers/hub and Ray Data would bury the progress lines.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
+
+
+@dataclass
+class StageResult:
+    stage: str
+    run_dir: Path
+    export_dir: Path
+    metrics: dict = field(default_factory=dict)
+
+
+def connect_ray() -> None:
+    """Join ``RAY_ADDRESS`` if set, else an already-started session, else start a local one."""
+    import ray
+    from ray.data import DataContext
+
+    os.environ.update(QUIET_ENV)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+                 logging_level="WARNING", configure_logging=True)
+    # Without it, even which rows each rank gets changes between runs.
+    ctx.execution_options.preserve_order = True
+
+
+def run_training(spec, stage, datasets: dict, tokenizer_dir: str) -> dict:
+    """Fit ``stage`` on ``datasets`` (``train`` and ``val``) and return the final metrics.
+
+    Rerunning with the same ``run.storage_path``/``run.name`` resumes from the latest
+    checkpoint Ray Train registered (Train V2 resumes by run identity).
+    """
+    from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
+                           ScalingConfig)
+    from ray.train.torch import TorchTrainer
+
+    run_dir = spec.run_dir()
+    s = spec.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    trainer = TorchTrainer(
+        _train_loop_entry,
+        train_loop_config={"spec": spec, "stage": stage, "run_dir": str(run_dir),
+                           "tokenizer_dir": tokenizer_dir},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=spec.run.name, storage_path=str(run_dir.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=spec.run.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": QUIET_ENV}),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all"),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{stage.name}: training ended without a final checkpoint; see {run_dir}")
+    with result.checkpoint.as_directory() as d:
+        _copy_export(Path(d) / "hf", run_dir / EXPORT_DIR)
+        return json.loads((Path(d) / "final.json").read_text())
+
+
+def _train_loop_entry(config: dict) -> None:
+    from raystages.train.worker import train_loop
+
+    train_loop(config)
+
+
+def _copy_export(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.rename(tmp, dst)
+
+
+def write_lineage(spec, export_dir: Path, metrics: dict, parent: str | None) -> dict:
+    """``lineage.json`` in the export: stage, spec and hash, parent checkpoint, metrics, time.
+
+    ``parent`` is resolved to the parent's own lineage when it has one, so the chain can be
+    followed back to pretraining.
+    """
+    parent_lineage = None
+    if parent and (Path(parent) / "lineage.json").is_file():
+        parent_lineage = str((Path(parent) / "lineage.json").resolve())
+    lineage = {
+        "stage": spec.stage,
+        "spec": spec.model_dump(mode="json"),
+        "spec_hash": spec.digest(),
+        "parent": str(Path(parent).resolve()) if parent and Path(parent).exists() else parent,
+        "parent_lineage": parent_lineage,
+        "metrics": metrics,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "raystages_version": __version__,
+    }
+    (export_dir / "lineage.json").write_text(json.dumps(lineage, indent=2, default=str))
+    return lineage
+
+
+def save_run_spec(spec) -> None:
+    run_dir = spec.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))

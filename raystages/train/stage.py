@@ -1,0 +1,39 @@
+"""What a stage gives the shared runner: how to build its model, its loss, and its export."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Stage:
+    """Base of the per-stage hooks. Instances are pickled to every Ray Train worker.
+
+    ``loss`` returns ``(loss, n_items)``: the mean loss of the micro-batch and how many
+    items (tokens, pairs) it averaged over, used for held-out means and throughput.
+    """
+
+    name: str = "stage"
+    throughput_unit: str = "tok"
+
+    def build_model(self, spec, tokenizer):
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict) -> tuple[Any, int]:
+        raise NotImplementedError
+
+    def count(self, batch: dict) -> int | None:
+        """Items of a training micro-batch when micro-batches hold different numbers of them
+        (supervised tokens in SFT). If not None, the runner sums it over the optimizer step's
+        micro-batches and all ranks before the first backward and calls
+        ``loss(model, batch, normalizer=...)``: the loss is then ``sum / normalizer``, which
+        makes the step an exact mean over all items (see ``worker._step_normalizer``)."""
+        return None
+
+    def extra_eval(self, model, batches: list[dict]) -> dict[str, float]:
+        """Stage-specific held-out metrics beyond the loss (summed over ranks by count)."""
+        return {}
+
+    def export(self, model, tokenizer, out_dir: str) -> None:
+        from raystages.models import export_hf
+
+        export_hf(model, tokenizer, out_dir)

@@ -1,0 +1,228 @@
+"""The per-worker training loop that every stage runs inside Ray Train.
+
+DeepSpeed owns the model, optimizer step, gradient accumulation, clipping and LR schedule.
+This loop owns the data position (so a restart resumes mid-epoch exactly), evaluation,
+metrics, checkpoints and the final export. Every rank runs the same sequence of collective
+calls (``ray.train.report``, DeepSpeed's all-reduces, evaluation all-reduce); the data is
+split equally across ranks so no rank runs out first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+FINAL_MARKER = "final.json"
+DS_TAG = "state"
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _epochs(shard, micro_batch_size: int, device, start_epoch: int, skip: int):
+    """Micro-batches forever, epoch after epoch: ``(epoch, index_in_epoch, batch)``.
+
+    Ray Data has no seek, so resuming mid-epoch re-reads and drops the first ``skip``
+    batches of ``start_epoch`` (same world size and batch size as the interrupted run).
+    """
+    epoch = start_epoch
+    while True:
+        produced = False
+        for i, batch in enumerate(shard.iter_torch_batches(
+                batch_size=micro_batch_size, drop_last=True, device=device)):
+            produced = True
+            if epoch == start_epoch and i < skip:
+                continue
+            yield epoch, i, batch
+        if not produced:
+            raise RuntimeError("this worker's training shard yields no full micro-batch: "
+                               "lower optim.micro_batch_size or scaling.num_workers, or add data")
+        epoch += 1
+
+
+def train_loop(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from raystages.models import count_parameters, load_tokenizer
+    from raystages.train.metrics import MetricsLog, flops_per_token, peak_tflops, say
+    from raystages.train.optim import deepspeed_config, lr_lambda
+
+    spec, stage = config["spec"], config["stage"]
+    run_dir = Path(config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, math.ceil(spec.scaling.cpus_per_worker)))
+    _seed_everything(spec.run.seed)
+
+    tokenizer = load_tokenizer(config["tokenizer_dir"], spec.model.trust_remote_code)
+    model = stage.build_model(spec, tokenizer)
+    n_params = count_parameters(model)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(spec), lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(spec.optim)))
+
+    state = {"epoch": 0, "batches_in_epoch": 0, "items_seen": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            if (Path(d) / FINAL_MARKER).exists():
+                # The run already finished (the driver died after the end): hand the
+                # final export back again instead of training past max_steps.
+                final = json.loads((Path(d) / FINAL_MARKER).read_text())
+                ray.train.report(final, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+                return
+            _, client_state = engine.load_checkpoint(d, tag=DS_TAG)
+            state = client_state["trainer_state"]
+        if rank == 0:
+            say(f"resumed at step {engine.global_steps} "
+                f"(epoch {state['epoch']}, batch {state['batches_in_epoch']})")
+
+    log = MetricsLog(run_dir, spec.optim.max_steps, spec.logging.tensorboard, stage.throughput_unit) if rank == 0 else None
+    peak = peak_tflops(spec)
+    model_config = getattr(engine.module, "config", None)
+    flops_tok = flops_per_token(model_config, n_params, spec.optim.seq_len)
+    val_batches = _first_batches(ray.train.get_dataset_shard("val"), spec.optim.micro_batch_size,
+                                 engine.device, spec.run.eval_batches)
+
+    def evaluate() -> dict:
+        engine.eval()
+        sums = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in val_batches:
+                loss, n = stage.loss(engine, batch)
+                sums += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+            extra = stage.extra_eval(engine, val_batches)
+        dist.all_reduce(sums)
+        engine.train()
+        val_loss = (sums[0] / sums[1].clamp(min=1)).item()
+        out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        for key, value in extra.items():
+            t = torch.tensor([value], dtype=torch.float64)
+            dist.all_reduce(t)
+            out[f"val_{key}"] = (t / world).item()
+        return out
+
+    def save_checkpoint(metrics: dict) -> None:
+        tmp = tempfile.mkdtemp(prefix="raystages-ckpt-")
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"trainer_state": dict(state)})
+        # Every rank reports its own shard files; Ray merges them into one checkpoint and
+        # registers it only after all ranks reported, so a crash mid-save is never "latest".
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    start_step = engine.global_steps
+    metrics: dict = {"step": start_step}
+    window_loss, window_n, window_items, window_t = 0.0, 0, 0, time.time()
+    max_steps = spec.optim.max_steps
+    engine.train()
+    data = _epochs(ray.train.get_dataset_shard("train"), spec.optim.micro_batch_size,
+                   engine.device, state["epoch"], state["batches_in_epoch"])
+    pending: list = []  # the micro-batches of the current optimizer step, read ahead
+    while engine.global_steps < max_steps:
+        if not pending:
+            pending = [next(data) for _ in range(spec.optim.grad_accum)]
+            normalizer = _step_normalizer(stage, [b for _, _, b in pending], world)
+        epoch, index, batch = pending.pop(0)
+        loss, n_items = (stage.loss(engine, batch) if normalizer is None
+                         else stage.loss(engine, batch, normalizer=normalizer))
+        engine.backward(loss)
+        before = engine.global_steps
+        engine.step()
+        state.update(epoch=epoch, batches_in_epoch=index + 1, items_seen=state["items_seen"] + n_items * world)
+        window_loss += loss.item()
+        window_n += 1
+        window_items += n_items * world
+        step = engine.global_steps
+        if step == before:
+            continue
+        on_log = step % spec.logging.log_every == 0 or step == max_steps
+        on_eval = step % spec.run.eval_every == 0 or step == max_steps
+        # The last step is checkpointed too: a crash during export then resumes at the end.
+        on_ckpt = step % spec.run.checkpoint_every == 0 or step == max_steps
+        if on_log:
+            dt = time.time() - window_t
+            throughput = window_items / dt
+            metrics = {"step": step, "epoch": epoch, "loss": window_loss / window_n,
+                       "lr": scheduler.get_last_lr()[0], "throughput": throughput,
+                       "items_seen": state["items_seen"]}
+            if stage.throughput_unit == "tok":
+                metrics["tflops"] = throughput * flops_tok / 1e12
+                if peak:
+                    metrics["mfu"] = metrics["tflops"] / (peak * world)
+            window_loss, window_n, window_items, window_t = 0.0, 0, 0, time.time()
+        if on_eval:
+            metrics.update(evaluate())
+        if rank == 0 and (on_log or on_eval):
+            log.log(step, metrics)
+            log.progress(step, start_step, metrics)
+        if on_ckpt:
+            save_checkpoint(metrics)
+
+    _export(engine, stage, tokenizer, spec, rank, {**metrics, "params": n_params, "start_step": start_step})
+    if log:
+        log.close()
+
+
+def _step_normalizer(stage, batches: list, world: int) -> float | None:
+    """For stages whose ``count`` says how many items (e.g. supervised tokens) each
+    micro-batch holds: the divisor that makes the step's gradient the exact mean over all
+    its items on all ranks. DeepSpeed divides each micro-batch loss by ``grad_accum`` and
+    averages gradients over ranks, so each micro-batch divides its *sum* by
+    ``total / (grad_accum * world)``. None: the stage's own per-micro-batch mean is used."""
+    import torch
+    import torch.distributed as dist
+
+    counts = [stage.count(b) for b in batches]
+    if counts[0] is None:
+        return None
+    total = torch.tensor([float(sum(counts))], dtype=torch.float64)
+    dist.all_reduce(total)
+    return max(total.item(), 1.0) / (len(batches) * world)
+
+
+def _first_batches(shard, micro_batch_size: int, device, limit: int) -> list:
+    """The first ``limit`` held-out micro-batches, read once and reused by every evaluation
+    (iterating the whole shard keeps Ray Data's split coordinator in step across ranks)."""
+    kept = []
+    for batch in shard.iter_torch_batches(batch_size=micro_batch_size, device=device):
+        if len(kept) < limit:
+            kept.append(batch)
+    return kept
+
+
+def _export(engine, stage, tokenizer, spec, rank: int, metrics: dict) -> None:
+    """Rank 0 writes the Hugging Face export into the final checkpoint, marked finished.
+
+    ZeRO-3 holds only a shard of each parameter per rank: every rank joins the gather.
+    """
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+              if spec.deepspeed.zero_stage == 3 else nullcontext())
+    tmp = tempfile.mkdtemp(prefix="raystages-final-") if rank == 0 else None
+    with gather:
+        if rank == 0:
+            stage.export(engine.module, tokenizer, str(Path(tmp) / "hf"))
+            Path(tmp, FINAL_MARKER).write_text(json.dumps(metrics))
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,85 @@
+"""Shared fixtures. One Ray instance per test session; runs live under a session tmp dir.
+
+Checkpoints are built once per session and reused: ``random_checkpoint`` (an untrained tiny
+model with the built-in tokenizer: seconds) and ``pretrained_checkpoint`` (a real Ray Train
+pretraining run on the built-in corpus: about a minute), so stage tests start from what a
+user would have.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The session's Ray instance (4 logical CPUs on 2 cores: trainer workers, Ray Data and
+    Serve share them; nothing here is CPU-bound enough to need strict accounting)."""
+    import ray
+
+    from raystages.train.runner import connect_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING")
+    # Everything in this session (state API, CLI subprocesses) talks to this instance, even
+    # if another Ray happens to run on the machine.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    connect_ray()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def builtin_tokenizer_dir(tmp_path_factory) -> Path:
+    from raystages.models import train_tokenizer
+    from raystages.task.splits import pretrain_texts
+
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(pretrain_texts("train", 300), 512, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory, builtin_tokenizer_dir) -> Path:
+    """An untrained ``nano`` Llama exported as a Hugging Face checkpoint."""
+    from raystages.models import build_causal_lm, export_hf, load_tokenizer
+    from raystages.spec import ModelSpec
+
+    tok = load_tokenizer(str(builtin_tokenizer_dir))
+    model = build_causal_lm(ModelSpec(preset="nano"), tok, seed=0)
+    out = tmp_path_factory.mktemp("ckpt") / "random-nano"
+    export_hf(model, tok, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_checkpoint(ray_session, runs_dir) -> Path:
+    """A tiny model pretrained for real (2 workers, ZeRO-2) on the built-in corpus."""
+    from raystages.spec import load_spec
+    from raystages.stages import pretrain
+
+    spec = load_spec(ROOT / "jobs" / "pretrain.yaml", [
+        f"run.storage_path={runs_dir}", "run.name=fixture-pretrain", "run.samples=0",
+        "optim.max_steps=200", "run.checkpoint_every=1000", "run.eval_every=100"])
+    return pretrain.run(spec).export_dir

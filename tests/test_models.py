@@ -1,0 +1,63 @@
+"""Presets, local tokenizers (trained here, or GPT-2's from files), exports that reload."""
+
+import json
+
+import pytest
+import torch
+
+from raystages.models import (CHAT_TEMPLATE, PRESETS, build_causal_lm, context_length, end_token_ids,
+                              export_hf, gpt2_tokenizer_from_files, load_tokenizer, train_tokenizer)
+from raystages.spec import ModelSpec
+from tests.conftest import SHARED_DATA
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_have_head_sizes_vllm_cpu_accepts(name):
+    p = PRESETS[name]
+    assert p["hidden_size"] // p["num_attention_heads"] in (32, 64, 128)
+
+
+def test_tokenizer_training_is_deterministic_and_keeps_letters_whole(tmp_path):
+    from raystages.task.splits import pretrain_texts
+
+    texts = pretrain_texts("train", 100)
+    a = train_tokenizer(texts, 400, tmp_path / "a")
+    b = train_tokenizer(texts, 400, tmp_path / "b")
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+    assert a.tokenize("sort: d a c") == ["sort", ":", "Ġd", "Ġa", "Ġc"]
+    reloaded = load_tokenizer(str(tmp_path / "a"))
+    chat = reloaded.apply_chat_template(
+        [{"role": "user", "content": "sort: b a"}, {"role": "assistant", "content": "a b"}], tokenize=False)
+    assert chat == "<|user|>\nsort: b a<|end|>\n<|assistant|>\na b<|end|>\n"
+    assert reloaded.convert_ids_to_tokens(end_token_ids(reloaded)) == ["<|endoftext|>", "<|end|>"]
+
+
+def test_gpt2_tokenizer_builds_offline_from_shared_files():
+    tok = gpt2_tokenizer_from_files(SHARED_DATA / "gpt2_bpe")
+    assert len(tok) == 50257
+    assert tok("Hello world")["input_ids"] == [15496, 995]  # GPT-2's published ids
+    assert tok.chat_template == CHAT_TEMPLATE
+
+
+def test_export_reloads_with_identical_logits_and_no_pickle(tmp_path, builtin_tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(str(builtin_tokenizer_dir))
+    model = build_causal_lm(ModelSpec(preset="nano"), tok, seed=0).eval()
+    export_hf(model, tok, tmp_path / "m")
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt")) for f in files)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m", use_safetensors=True).eval()
+    ids = torch.tensor([tok("sort: d a c b = a b c d")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    gen = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == end_token_ids(tok)
+
+
+def test_context_length_comes_from_preset_override_or_checkpoint(random_checkpoint):
+    assert context_length("tiny", None, None) == 512
+    assert context_length("tiny", None, {"max_position_embeddings": 64}) == 64
+    assert context_length(None, str(random_checkpoint), None) == 256
+    assert context_length(None, "some/hub-model", None) is None

@@ -1,0 +1,145 @@
+"""Specs: defaults, overrides, and bad specs / bad data that exit 2 naming the problem
+before any Ray process starts."""
+
+import gzip
+import json
+
+import pytest
+
+from raystages import cli
+from raystages.spec import PretrainSpec, SpecError, load_spec
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Tripwire: a bad spec must fail before the runner connects to Ray."""
+    import raystages.train.runner as runner
+
+    def boom():
+        raise AssertionError("Ray was started for a bad spec")
+
+    monkeypatch.setattr(runner, "connect_ray", boom)
+
+
+def test_every_job_spec_in_jobs_validates():
+    from raystages.spec import SPECS
+
+    for path in sorted((ROOT / "jobs").glob("*.yaml")):
+        import yaml
+
+        raw = yaml.safe_load(path.read_text())
+        if raw.get("stage") in SPECS:
+            load_spec(path)
+
+
+def test_overrides_are_typed_and_dotted():
+    spec = load_spec(ROOT / "jobs" / "pretrain.yaml",
+                     ["optim.lr=1e-4", "scaling.num_workers=1", "deepspeed.zero_stage=3",
+                      "model.config_overrides.num_hidden_layers=2"])
+    assert isinstance(spec, PretrainSpec)
+    assert spec.optim.lr == 1e-4 and spec.scaling.num_workers == 1 and spec.deepspeed.zero_stage == 3
+    assert spec.model.config_overrides == {"num_hidden_layers": 2}
+    assert spec.digest() == load_spec(ROOT / "jobs" / "pretrain.yaml", [
+        "optim.lr=1e-4", "scaling.num_workers=1", "deepspeed.zero_stage=3",
+        "model.config_overrides.num_hidden_layers=2"]).digest()
+
+
+def _write(tmp_path, name, content, mode="w"):
+    p = tmp_path / name
+    if mode == "wb":
+        p.write_bytes(content)
+    else:
+        p.write_text(content)
+    return str(p)
+
+
+BAD_SPECS = [
+    (["optim.lr=-1"], "optim.lr"),
+    (["deepspeed.zero_stage=5"], "deepspeed.zero_stage"),
+    (["optim.seq_len=4096"], "context"),
+    (["optim.seq_len=0"], "optim.seq_len"),
+    (["optim.typo=1"], "optim.typo"),
+    (["surprise=1"], "surprise"),
+    (["scaling.num_workers=zero"], "scaling.num_workers"),
+    (["model.preset=huge"], "preset"),
+    (["data.source=/nope/missing.jsonl"], "does not exist"),
+    (["deepspeed.offload_param=true", "deepspeed.zero_stage=2"], "offload_param"),
+    (["run.name=has space"], "run.name"),
+    (["data.builtin.min_len=9", "data.builtin.max_len=3"], "min_len"),
+    (["optim"], "expected key.path=value"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", BAD_SPECS)
+def test_bad_specs_exit_2_naming_the_field(overrides, needle, capsys, no_ray):
+    code = cli.main(["pretrain", str(ROOT / "jobs" / "pretrain.yaml"), *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err, err
+
+
+def test_unsafe_yaml_is_refused(tmp_path, capsys, no_ray):
+    spec = _write(tmp_path, "evil.yaml", "stage: pretrain\nrun: !!python/object/apply:os.system ['true']\n")
+    assert cli.main(["pretrain", spec]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_missing_spec_file_and_non_mapping(tmp_path, capsys, no_ray):
+    assert cli.main(["pretrain", str(tmp_path / "none.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["pretrain", _write(tmp_path, "list.yaml", "- 1\n- 2\n")]) == 2
+    assert "mapping" in capsys.readouterr().err
+
+
+BAD_DATA = [
+    ("empty.jsonl", b"", "is empty"),
+    ("latin1.txt", "caf\xe9 au lait\n".encode("latin-1"), "not UTF-8"),
+    ("rows.jsonl", b'{"text": "fine"}\n{"body": "no text field"}\n', "line 2: missing text field 'text'"),
+    ("broken.jsonl", b'{"text": "fine"}\n{"text": \n', "line 2: not valid JSON"),
+    ("blank.jsonl", b'{"text": "   "}\n', "line 1: field 'text' is empty"),
+    ("number.jsonl", b'{"text": 42}\n', "line 1: field 'text' is int"),
+    ("table.csv", b"a,b\n", "unsupported file type"),
+]
+
+
+@pytest.mark.parametrize("name,content,needle", BAD_DATA)
+def test_bad_data_exits_2_naming_file_and_row(tmp_path, name, content, needle, capsys, no_ray):
+    path = _write(tmp_path, name, content, mode="wb")
+    code = cli.main(["pretrain", str(ROOT / "jobs" / "pretrain.yaml"), f"data.source={path}",
+                     f"run.storage_path={tmp_path}/runs"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err and name in err, err
+
+
+def test_skip_mode_counts_bad_rows(tmp_path):
+    from raystages.data.sources import read_rows, text_of
+
+    path = _write(tmp_path, "mixed.jsonl.gz", b"", mode="wb")
+    with gzip.open(path, "wt") as f:
+        for i in range(5):
+            f.write(json.dumps({"text": f"row {i}"} if i % 2 == 0 else {"other": i}) + "\n")
+    rows = read_rows(path, text_of("text"), on_bad_row="skip")
+    assert rows.rows == ["row 0", "row 2", "row 4"]
+    assert len(rows.skipped) == 2 and "line 2" in rows.skipped[0]
+    with pytest.raises(Exception, match="line 2"):
+        read_rows(path, text_of("text"), on_bad_row="error")
+
+
+def test_text_and_parquet_sources(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raystages.data.sources import read_rows, text_of
+
+    txt = _write(tmp_path, "doc.txt", "first para\nline two\n\n\nsecond para\n")
+    assert read_rows(txt, text_of("text")).rows == ["first para\nline two", "second para\n"]
+    pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "t.parquet")
+    assert read_rows(str(tmp_path / "t.parquet"), text_of("content")).rows == ["a", "b"]
+
+
+def test_spec_error_is_a_value_error_with_all_problems():
+    with pytest.raises(SpecError) as e:
+        load_spec(None, ["optim.lr=-1", "optim.max_steps=0"], stage="pretrain")
+    assert "optim.lr" in str(e.value) and "optim.max_steps" in str(e.value)
