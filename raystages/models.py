@@ -94,9 +94,15 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLik
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """A tokenizer from a local dir or hub id; gets a pad token and chat template if absent."""
+    """A tokenizer from a local dir or hub id; gets a pad token and chat template if absent.
+
+    A directory holding only GPT-2's original ``encoder.json`` + ``vocab.bpe`` also works.
+    """
     from transformers import AutoTokenizer
 
+    d = Path(path)
+    if (d / "encoder.json").is_file() and (d / "vocab.bpe").is_file() and not (d / "tokenizer.json").exists():
+        return gpt2_tokenizer_from_files(d)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
