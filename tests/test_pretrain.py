@@ -136,7 +136,7 @@ def test_pretraining_on_real_text_with_the_gpt2_tokenizer(ray_session, runs_dir)
         f"run.storage_path={runs_dir}", "run.name=shakespeare", "model.preset=nano",
         f"data.source={SHARED_DATA / 'tinyshakespeare' / 'input.txt'}", "data.max_rows=600",
         f"tokenizer.path={SHARED_DATA / 'gpt2_bpe'}", "deepspeed.zero_stage=1",
-        "optim.max_steps=25", "optim.seq_len=64", "optim.micro_batch_size=8", "optim.lr=1e-2",
+        "optim.max_steps=25", "optim.warmup_steps=5", "optim.seq_len=64", "optim.micro_batch_size=8", "optim.lr=1e-2",
         "run.eval_every=25", "run.checkpoint_every=1000", "logging.log_every=5", "run.samples=1"])
     result = pretrain.run(spec)
     first = _metrics(result.run_dir)[0]["loss"]
