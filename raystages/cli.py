@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("what", choices=BENCHES)
     sp.add_argument("overrides", nargs="*")
     sp.set_defaults(func=_bench)
+    from raystages.serve.cli import add_arguments as add_serve_arguments, serve_main
+
+    sp = sub.add_parser("serve", help="serve trained stages over HTTP (OpenAI-compatible)")
+    add_serve_arguments(sp)
+    sp.set_defaults(func=serve_main)
     return p
 
 

@@ -1,0 +1,122 @@
+"""The OpenAI routes in front of the transformers engine (``hf_engine.HFEngine``).
+
+With vLLM, Ray Serve LLM provides these routes; without it this module does, with the
+same paths, the same request fields (the subset below), the same response shapes and the
+same errors, so clients cannot tell which engine answers.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse, StreamingResponse
+
+from raystages.serve.routes import ApiError, Message, StagesRoutes, sse
+
+
+class _Sampling(BaseModel):
+    # Unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as vLLM does.
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, description="New tokens at most; default 16 (completions) or the rest of the context (chat).")
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = Field(None, max_length=4)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    logprobs: None = Field(None, description="Not supported by the transformers engine.")
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str] = Field(..., min_length=1)
+    max_tokens: int | None = Field(16, ge=1)
+
+
+class ChatBody(_Sampling):
+    messages: list[Message] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class HFIngress(StagesRoutes):
+    def __init__(self, engines: dict, *, models_info: dict, scorers: dict):
+        self._engines = {name: h.options(stream=True) for name, h in engines.items()}
+        self._init_routes(models_info, scorers)
+
+    async def completions(self, body: CompletionBody, request: Request):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        return await self._run(body, {"prompts": prompts, "max_tokens": body.max_tokens}, chat=False)
+
+    async def chat(self, body: ChatBody, request: Request):
+        messages = [m.model_dump() for m in body.messages]
+        return await self._run(body, {"messages": messages,
+                                      "max_tokens": body.max_completion_tokens or body.max_tokens}, chat=True)
+
+    async def _run(self, body: _Sampling, req: dict, chat: bool):
+        name = self._generation_model(body.model)
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        req.update(temperature=body.temperature, top_p=body.top_p, n=body.n, stop=stop, seed=body.seed,
+                   stream=body.stream)
+        events = self._engines[name].generate.remote(req)
+        first = await events.__anext__()
+        if "error" in first:
+            raise ApiError(400, first["error"], first.get("param"), first.get("code"))
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": name}
+        prompt_tokens = sum(first["prompt_tokens"])
+        if body.stream:
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self._stream(head, events, chat, prompt_tokens, usage),
+                                     media_type="text/event-stream")
+        texts, finish, used = {}, {}, {}
+        async for ev in events:
+            i = ev["index"]
+            texts[i] = texts.get(i, "") + ev["text"]
+            used[i] = ev["completion_tokens"]
+            if ev["finish_reason"]:
+                finish[i] = ev["finish_reason"]
+        choices = []
+        for i in sorted(texts):
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
+                                "logprobs": None, "finish_reason": finish.get(i, "length")})
+            else:
+                choices.append({"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish.get(i, "length")})
+        completion_tokens = sum(used.values())
+        return JSONResponse({**head, "choices": choices, "usage": {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}})
+
+    async def _stream(self, head: dict, events, chat: bool, prompt_tokens: int, include_usage: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        used: dict[int, int] = {}
+        started: set[int] = set()
+        async for ev in events:
+            i = ev["index"]
+            used[i] = ev["completion_tokens"]
+            if not ev["text"] and not ev["finish_reason"] and i in started:
+                continue
+            if chat:
+                delta = {} if i in started else {"role": "assistant"}
+                if ev["text"] or i not in started:
+                    delta["content"] = ev["text"]
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": ev["finish_reason"]}
+            else:
+                choice = {"index": i, "text": ev["text"], "logprobs": None, "finish_reason": ev["finish_reason"]}
+            started.add(i)
+            yield sse({**head, "object": obj, "choices": [choice]})
+        if include_usage:
+            done = sum(used.values())
+            yield sse({**head, "object": obj, "choices": [], "usage": {
+                "prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}})
+        yield "data: [DONE]\n\n"
+
+    models = StagesRoutes.models
+    model_data = StagesRoutes.model_data
+    score = StagesRoutes.score
+    health = StagesRoutes.health
+

@@ -1,0 +1,239 @@
+"""What every engine's ingress shares: the FastAPI app (API-key check, OpenAI-shaped
+errors), and the routes that do not generate: ``/v1/models``, ``/health``, ``/v1/score``.
+
+Nothing here imports vLLM or ``ray.serve.llm``, so the transformers engine can use it on
+machines without them. Errors always leave as
+
+    {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
+
+with a 4xx status for the client's mistakes, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+HEALTH_PATHS = ("/health",)
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                405: "invalid_request_error", 408: "timeout", 413: "invalid_request_error",
+                422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class ApiError(Exception):
+    """A request the server refuses, with what the OpenAI error body says about it."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(body, status_code=err.status, headers=headers)
+
+
+def as_api_error(e: BaseException) -> ApiError:
+    """Map an exception from an engine (vLLM, Ray Serve LLM, ours) to an :class:`ApiError`."""
+    if isinstance(e, ApiError):
+        return e
+    status = getattr(e, "status_code", None)
+    message = getattr(e, "message", None) or getattr(e, "detail", None) or str(e)
+    if status is None:
+        # Request validators (pydantic's, vLLM's VLLMClientError family) blame the client.
+        client = isinstance(e, (ValueError, TypeError)) or any(
+            c.__name__ == "VLLMClientError" for c in type(e).__mro__)
+        status = 400 if client else 500
+    status = int(status)
+    if status >= 500:  # the details go to the replica's log, not to the client
+        logging.getLogger("raystages.serve").error("request failed", exc_info=e)
+        return ApiError(status, "The server had an error while processing the request.", code="internal_error")
+    message = str(message)
+    param = re.search(r"\(parameter=(\w+)", message)
+    message = re.sub(r"\s*\(Request ID: [^)]*\)", "", message).removeprefix("vllm.exceptions.VLLMValidationError: ")
+    code = "context_length_exceeded" if "context length" in message or "max_model_len" in message else None
+    return ApiError(status, message, param.group(1) if param else None, code)
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    if err.get("type") == "json_invalid":
+        return error_response(ApiError(400, "The request body is not valid JSON.", None, "invalid_json"))
+    # Union members show up in the location ("prompt.str", "prompt.list[int]"): keep the field.
+    member = re.compile(r"^(str|int|float|bool|function-.*|.*\[.*)$")
+    param = ".".join(x for x in loc if not member.match(x)) or None
+    what = "missing required parameter" if err.get("type") == "missing" else err.get("msg", "invalid value")
+    code = "missing_required_parameter" if err.get("type") == "missing" else "invalid_value"
+    return error_response(ApiError(400, f"{param or 'body'}: {what}", param, code))
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return error_response(ApiError(exc.status_code, str(exc.detail), None, code))
+
+
+async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc)
+
+
+class _Guard:
+    """Pure ASGI middleware (so streaming passes through untouched): checks the API key,
+    and turns an exception that escaped a route before any byte was sent into an
+    OpenAI-shaped error instead of a bare 500."""
+
+    def __init__(self, app, api_key: str | None = None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path
+        if self.api_key and path not in HEALTH_PATHS:
+            headers = dict(scope.get("headers") or [])
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                msg = "Missing API key: send `Authorization: Bearer <key>`." if not token else "Incorrect API key provided."
+                return await error_response(ApiError(401, msg, None, "invalid_api_key"))(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:  # noqa: BLE001 - the last line of defence for one request
+            if started:
+                raise
+            await error_response(as_api_error(e))(scope, receive, send)
+
+
+def make_api(api_key: str | None) -> FastAPI:
+    """The FastAPI app every ingress is built on."""
+    app = FastAPI(title="raystages", docs_url=None, redoc_url=None)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_middleware(_Guard, api_key=api_key)
+    return app
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ScoreBody(BaseModel):
+    """``POST /v1/score``: score each response to ``prompt`` with a reward model."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="Scoring model id; default: the only one served.")
+    prompt: str | None = Field(None, description="The user turn the responses answer.")
+    responses: list[str | list[Message]] = Field(..., min_length=1, max_length=512,
+                                                 description="Assistant replies, or whole conversations as message lists.")
+
+
+class StagesRoutes:
+    """Mixed into each engine's ingress. ``models_info`` maps model id -> {kind: generate |
+    score, created, max_model_len, stage, root}; ``scorers`` maps scoring ids -> handles."""
+
+    def _init_routes(self, models_info: dict[str, dict], scorers: dict[str, Any]):
+        self._info = models_info
+        self._scorers = scorers
+
+    def _generation_model(self, name: str | None) -> str:
+        gen = [m for m, i in self._info.items() if i["kind"] == "generate"]
+        if name is None:
+            if len(gen) == 1:
+                return gen[0]
+            raise ApiError(400, f"model: required when several models are served; one of {gen}", "model",
+                           "missing_required_parameter")
+        if name not in self._info:
+            raise ApiError(404, f"The model `{name}` does not exist. Served: {sorted(self._info)}", "model",
+                           "model_not_found")
+        if self._info[name]["kind"] != "generate":
+            raise ApiError(400, f"The model `{name}` is a scoring model: use POST /v1/score", "model",
+                           "model_not_supported")
+        return name
+
+    def _card(self, name: str) -> dict:
+        i = self._info[name]
+        return {"id": name, "object": "model", "created": i["created"], "owned_by": "raystages",
+                "root": i.get("root"), "parent": None, "max_model_len": i.get("max_model_len"),
+                "stage": i.get("stage"), "task": i["kind"]}
+
+    async def models(self):
+        return JSONResponse({"object": "list", "data": [self._card(m) for m in self._info]})
+
+    async def model_data(self, model: str):
+        if model not in self._info:
+            raise ApiError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+        return JSONResponse(self._card(model))
+
+    async def health(self):
+        return JSONResponse({"status": "ok", "models": sorted(self._info)})
+
+    async def score(self, body: ScoreBody, request: Request):
+        names = sorted(self._scorers)
+        name = body.model or (names[0] if len(names) == 1 else None)
+        if name is None:
+            raise ApiError(400 if names else 404, f"model: name one of the scoring models {names}" if names
+                           else "No scoring model is served.", "model", "model_not_found")
+        if name not in self._scorers:
+            raise ApiError(404, f"The model `{name}` is not a scoring model. Scoring: {names}", "model", "model_not_found")
+        responses = [r if isinstance(r, str) else [m.model_dump() for m in r] for r in body.responses]
+        out = await self._scorers[name].score.remote(body.prompt, responses)
+        if "error" in out:
+            raise ApiError(400, out["error"], out.get("param"), out.get("code"))
+        return JSONResponse({
+            "id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": name,
+            "data": [{"object": "score", "index": i, "score": s} for i, s in enumerate(out["scores"])],
+            "usage": {"prompt_tokens": out["tokens"], "total_tokens": out["tokens"]}})
+
+
+ROUTE_SPECS = {
+    # method name -> (HTTP method, path); each ingress builds its endpoint map from it.
+    "models": ("GET", "/v1/models"),
+    "model_data": ("GET", "/v1/models/{model:path}"),
+    "completions": ("POST", "/v1/completions"),
+    "chat": ("POST", "/v1/chat/completions"),
+    "score": ("POST", "/v1/score"),
+    "health": ("GET", "/health"),
+}
+
+
+def ingress_class(cls: type, app: FastAPI) -> type:
+    """``cls`` as a Ray Serve ingress: its methods named in ROUTE_SPECS become ``app``'s
+    routes (what ``ray.serve.llm``'s ``make_fastapi_ingress`` does, with our route map)."""
+    from ray import serve
+
+    methods = {}
+    for name, (method, path) in ROUTE_SPECS.items():
+        methods[name] = getattr(app, method.lower())(path)(getattr(cls, name))
+    new_cls = type(cls.__name__, (cls,), methods)
+    new_cls.__qualname__ = cls.__qualname__
+    return serve.ingress(app)(new_cls)
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"

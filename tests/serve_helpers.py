@@ -1,0 +1,159 @@
+"""Shared by the serve tests: the OpenAI OpenAPI validator, a reward checkpoint, the
+bad-request cases, transformers' own answers to compare the server with."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import socket
+from pathlib import Path
+
+OPENAPI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "openai_openapi" / "openapi.yaml"
+
+
+@functools.lru_cache(maxsize=1)
+def _openapi() -> dict:
+    import yaml
+
+    doc = yaml.load(OPENAPI.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return _honour_nullable(doc)
+
+
+def _honour_nullable(node):
+    """The file says OpenAPI 3.1 (JSON Schema 2020-12) yet still marks some fields with the
+    3.0 keyword ``nullable: true`` (e.g. streamed chat ``choices[].logprobs``), which JSON
+    Schema ignores. Read it as its authors meant: the field may also be null."""
+    if isinstance(node, dict):
+        node = {k: _honour_nullable(v) for k, v in node.items()}
+        if node.get("nullable") is True and isinstance(node.get("type"), str):
+            node["type"] = [node["type"], "null"]
+            if "enum" in node:
+                node["enum"] = [*node["enum"], None]
+        return node
+    if isinstance(node, list):
+        return [_honour_nullable(v) for v in node]
+    return node
+
+
+@functools.lru_cache(maxsize=None)
+def _validator(schema: str, nullable_finish_reason: bool = False):
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+
+    doc = _openapi()
+    if nullable_finish_reason:
+        # The OpenAI API streams completion chunks with `finish_reason: null` until the last
+        # one, but both the OpenAPI schema and the `openai` client's type say it is a
+        # non-null enum; only for streamed completion chunks do we allow null (the final
+        # chunk is validated against the unmodified schema).
+        doc = copy.deepcopy(doc)
+        fr = doc["components"]["schemas"][schema]["properties"]["choices"]["items"]["properties"]["finish_reason"]
+        fr["enum"] = [*fr["enum"], None]
+        fr["type"] = ["string", "null"]
+    registry = Registry().with_resource("openapi", Resource.opaque(doc))
+    return Draft202012Validator({"$ref": f"openapi#/components/schemas/{schema}"}, registry=registry)
+
+
+def validate(body: dict, schema: str, nullable_finish_reason: bool = False) -> None:
+    """Fail, naming the first offending field, unless ``body`` matches the OpenAI schema."""
+    from jsonschema.exceptions import best_match
+
+    errors = list(_validator(schema, nullable_finish_reason).iter_errors(body))
+    if errors:
+        e = best_match(errors)
+        raise AssertionError(f"{schema} at {list(e.absolute_path)}: {e.message[:300]}\n{dumps(body)}")
+
+
+def sse_events(text: str) -> list[str]:
+    """The ``data:`` payloads of a server-sent-events body, in order."""
+    return [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_reward_checkpoint(base: Path, out: Path, seed: int = 1) -> Path:
+    """A ``LlamaForSequenceClassification`` (one label) with ``base``'s config and tokenizer."""
+    import torch
+    from transformers import AutoConfig, LlamaForSequenceClassification
+
+    from raystages.models import load_tokenizer
+
+    tok = load_tokenizer(str(base))
+    cfg = AutoConfig.from_pretrained(base)
+    cfg.num_labels, cfg.pad_token_id, cfg.architectures = 1, tok.pad_token_id, None
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(cfg)
+    with torch.no_grad():  # a visible spread of scores: random heads give near-equal logits
+        model.score.weight.mul_(50)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def transformers_scores(ckpt: Path, texts: list[str]) -> list[float]:
+    """Scores from the checkpoint loaded directly, one unpadded text at a time."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    out = []
+    with torch.no_grad():
+        for t in texts:
+            ids = tok(t, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            out.append(float(model(input_ids=ids).logits[0, 0]))
+    return out
+
+
+def task_prompts(n: int) -> list[str]:
+    """Held-out prompts of the built-in task, in the pretraining corpus' "x = y" layout."""
+    from raystages.task.splits import pretrain_texts
+
+    lines = [line for text in pretrain_texts("val", 20) for line in text.split("\n") if " = " in line]
+    return [line.split(" = ")[0] + " =" for line in lines[:n]]
+
+
+LONG = "a " * 600  # over the served context of every test checkpoint
+
+# (name, route, body or raw bytes, expected status, expected param or None)
+BAD_REQUESTS = [
+    ("malformed json", "completions", b'{"model": "pretrain", "prompt": ', 400, None),
+    ("body not an object", "completions", b'["pretrain"]', 400, None),
+    ("missing prompt", "completions", {"model": "pretrain"}, 400, "prompt"),
+    ("missing messages", "chat/completions", {"model": "pretrain"}, 400, "messages"),
+    ("unknown model", "completions", {"model": "nope", "prompt": "a"}, 404, "model"),
+    ("unknown model chat", "chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "a"}]}, 404, "model"),
+    ("scoring model for generation", "completions", {"model": "reward", "prompt": "a"}, 400, "model"),
+    ("max_tokens zero", "completions", {"model": "pretrain", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens negative", "chat/completions", {"model": "pretrain", "messages": [{"role": "user", "content": "a"}], "max_tokens": -5}, 400, "max_tokens"),
+    ("max_tokens beyond context", "completions", {"model": "pretrain", "prompt": "a", "max_tokens": 100000}, 400, "max_tokens"),
+    ("temperature negative", "completions", {"model": "pretrain", "prompt": "a", "temperature": -0.5}, 400, "temperature"),
+    ("prompt longer than context", "completions", {"model": "pretrain", "prompt": LONG, "max_tokens": 1}, 400, None),
+    ("chat longer than context", "chat/completions", {"model": "pretrain", "messages": [{"role": "user", "content": LONG}]}, 400, None),
+    ("prompt wrong type", "completions", {"model": "pretrain", "prompt": {"text": "a"}}, 400, "prompt"),
+    ("max_tokens wrong type", "completions", {"model": "pretrain", "prompt": "a", "max_tokens": "many"}, 400, "max_tokens"),
+    ("temperature wrong type", "completions", {"model": "pretrain", "prompt": "a", "temperature": "hot"}, 400, "temperature"),
+    ("messages wrong type", "chat/completions", {"model": "pretrain", "messages": "hello"}, 400, "messages"),
+    ("score without responses", "score", {"model": "reward", "prompt": "a"}, 400, "responses"),
+    ("score empty responses", "score", {"model": "reward", "prompt": "a", "responses": []}, 400, "responses"),
+    ("score unknown model", "score", {"model": "nope", "prompt": "a", "responses": ["b"]}, 404, "model"),
+    ("score generation model", "score", {"model": "pretrain", "prompt": "a", "responses": ["b"]}, 404, "model"),
+    ("score response too long", "score", {"model": "reward", "prompt": "a", "responses": [LONG]}, 400, "responses"),
+]
+
+
+def post(url: str, route: str, body, headers: dict | None = None):
+    import httpx
+
+    kw = {"content": body, "headers": {"content-type": "application/json", **(headers or {})}} \
+        if isinstance(body, bytes) else {"json": body, "headers": headers or {}}
+    return httpx.post(f"{url}/{route}", timeout=60, **kw)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=1)[:2000]
