@@ -11,7 +11,7 @@ import sys
 
 from raystages.bench import BENCHES
 
-TRAINING_STAGES = ("pretrain",)
+TRAINING_STAGES = ("pretrain", "rl")
 
 
 def _print_result(result) -> None:

@@ -193,7 +193,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise SpecError(f"override {key!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as e:
+            raise SpecError(f"override {key!r}: value is not valid YAML: {e}") from None
     return raw
 
 
@@ -228,3 +231,7 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), stage: str | N
             raise SpecError(f"{p}: a spec is a mapping of sections, got {type(raw).__name__}")
     raw = apply_overrides(raw, list(overrides))
     return parse_spec(raw, stage, source=str(path or "<defaults>"))
+
+
+# The RL spec lives beside the RL stage (it is large); importing it registers it.
+import raystages.rl.spec  # noqa: E402,F401

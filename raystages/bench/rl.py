@@ -1,0 +1,172 @@
+"""``raystages bench rl``: the RL stage's three figures on one model, batch and length.
+
+    raystages bench rl [preset=tiny batch=64 max_new_tokens=32 iterations=5 ppo_epochs=2 trl=true]
+
+(a) rollout tokens/s, vLLM engine vs the transformers engine (same actor pool, same prompts);
+(b) weight-sync bytes/s (learner -> rollout actor through the object store, measured inside
+    a PPO run) vs a plain in-process memory copy of the same bytes;
+(c) PPO iteration wall time (generate + score + update + sync) vs TRL's PPOTrainer
+    (trl==1.12.0, installed by this bench in its own virtualenv; skipped with a message
+    when it cannot be installed) on the same model, reward model, batch and lengths.
+Targets from the issue: vLLM >= 3x HF; sync >= 0.5x memcpy; PPO iteration <= 0.5x TRL's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULTS = {"preset": "tiny", "batch": 64, "max_new_tokens": 32, "iterations": 5, "ppo_epochs": 2,
+            "micro_batch_size": 16, "num_workers": 2, "trl": True, "trl_threads": 1, "trl_venv": "~/.cache/raystages/trl-1.12.0"}
+TRL_PIN = "trl==1.12.0"
+
+
+def _options(overrides: list[str]) -> dict:
+    import yaml
+
+    opts = dict(DEFAULTS)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in opts:
+            raise ValueError(f"bench rl: unknown option {key!r}; known: {sorted(opts)}")
+        opts[key] = yaml.safe_load(value)
+    return opts
+
+
+def _models(work: Path, preset: str) -> tuple[Path, Path]:
+    """A fresh policy of ``preset`` with the built-in tokenizer, and a reward model sharing its
+    backbone (a sequence-classification head on the same weights)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from raystages.models import build_causal_lm, export_hf, train_tokenizer
+    from raystages.spec import ModelSpec
+    from raystages.task.splits import pretrain_texts
+
+    tok = train_tokenizer(pretrain_texts("train", 300), 512, work / "tokenizer")
+    policy = work / "policy"
+    export_hf(build_causal_lm(ModelSpec(preset=preset), tok, seed=0), tok, policy)
+    rm = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    export_hf(rm, tok, work / "rm")
+    return policy, work / "rm"
+
+
+def bench_engines(policy: Path, batch: int, max_new_tokens: int) -> dict:
+    from raystages.models import load_tokenizer
+    from raystages.rl.actor import RolloutPool
+    from raystages.rl.loop import encode
+    from raystages.task.splits import rl_prompts
+
+    tok = load_tokenizer(str(policy))
+    ids = encode(tok, [r["prompt"] for r in rl_prompts("train", batch)])
+    out = {}
+    for kind in ("vllm", "hf"):
+        pool = RolloutPool(kind, str(policy), 1, {"kv_cache_mb": 64, "seed": 0} if kind == "vllm" else {"seed": 0},
+                           cpus=0.5)
+        try:
+            pool.generate(ids, list(range(batch)), 1.0, max_new_tokens)  # warm-up
+            rates = []
+            for rep in range(3):
+                t0 = time.perf_counter()
+                gens = pool.generate(ids, [rep * batch + j for j in range(batch)], 1.0, max_new_tokens)
+                rates.append(sum(len(g.response_ids) for g in gens) / (time.perf_counter() - t0))
+            out[f"{kind}_tokens_per_s"] = statistics.median(rates)
+        finally:
+            pool.shutdown()
+    out["vllm_over_hf"] = out["vllm_tokens_per_s"] / out["hf_tokens_per_s"]
+    return out
+
+
+def bench_ppo(policy: Path, rm: Path, work: Path, o: dict) -> dict:
+    import raystages.rl.spec  # noqa: F401  (registers the rl spec)
+    from raystages.rl.sync import memcpy_bytes_per_s
+    from raystages.spec import parse_spec
+    from raystages.stages import rl
+
+    spec = parse_spec({
+        "stage": "rl", "model": {"path": str(policy)},
+        "optim": {"lr": 1e-4, "micro_batch_size": o["micro_batch_size"]},
+        "algo": {"name": "ppo", "iterations": o["iterations"], "prompts_per_iteration": o["batch"], "group_size": 1,
+                 "mini_batch_size": o["batch"], "ppo_epochs": o["ppo_epochs"]},
+        "rollout": {"max_new_tokens": o["max_new_tokens"], "eval_prompts": 0, "cpus_per_actor": 0.5},
+        "reward": {"sources": [{"kind": "model", "ref": str(rm)}]}, "critic": {"init": "reward_model"},
+        # Fractional CPUs: learners and the rollout actor must all fit on a 2-core machine.
+        "scaling": {"num_workers": o["num_workers"], "cpus_per_worker": 0.5}, "logging": {"tensorboard": False},
+        "run": {"name": "bench-rl-ppo", "storage_path": str(work), "checkpoint_every": 10**6}})
+    result = rl.run(spec)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[1:] or rows  # the first iteration pays one-off warm-up costs
+    sync = statistics.median(r["sync_bytes_per_s"] for r in steady)
+    memcpy = memcpy_bytes_per_s(int(rows[0]["sync_bytes"]))
+    return {"ppo_iteration_s": statistics.median(r["iteration_s"] for r in steady),
+            "sync_bytes": rows[0]["sync_bytes"], "sync_bytes_per_s": sync, "memcpy_bytes_per_s": memcpy,
+            "sync_over_memcpy": sync / memcpy}
+
+
+def _trl_python(venv: Path) -> tuple[Path | None, str]:
+    """The TRL virtualenv's python (created on first use), or None and why not."""
+    import site
+
+    py = venv / "bin" / "python"
+    if py.is_file() and subprocess.run([str(py), "-c", "import trl.experimental.ppo"], capture_output=True).returncode == 0:
+        return py, ""
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+        # See this stack's site-packages (torch, transformers, raystages) behind the venv's
+        # own, so pip adds only TRL and what it lacks instead of a second (CUDA) torch.
+        lib = next((venv / "lib").glob("python*/site-packages"))
+        (lib / "_raystages_stack.pth").write_text(
+            "".join(f"import site; site.addsitedir({d!r})\n" for d in site.getsitepackages()))
+        r = subprocess.run([str(py), "-m", "pip", "install", "-q", TRL_PIN], capture_output=True, text=True, timeout=900)
+        if r.returncode:
+            return None, f"pip install {TRL_PIN} failed: {r.stderr.strip()[-300:]}"
+        return py, ""
+    except (OSError, StopIteration, subprocess.SubprocessError) as e:
+        return None, f"could not create the TRL virtualenv: {e}"
+
+
+def bench_trl(policy: Path, rm: Path, work: Path, o: dict) -> dict:
+    py, why = _trl_python(Path(os.path.expanduser(o["trl_venv"])))
+    if py is None:
+        print(f"bench rl: skipping the TRL comparison: {why}", file=sys.stderr)
+        return {"trl_skipped": why}
+    out = work / "trl.json"
+    args = [str(py), "-m", "raystages.rl.trl_baseline", str(policy), str(rm), str(o["batch"]),
+            str(o["micro_batch_size"]), str(o["max_new_tokens"]), str(o["ppo_epochs"]), str(o["iterations"]), str(out)]
+    # One torch thread by default, like each of our learner ranks: on a shared 2-core machine
+    # two OpenMP threads spin-wait on each other and ran 10-40x slower here.
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(o["trl_threads"])}
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    if r.returncode:
+        why = f"TRL PPOTrainer failed: {r.stderr.strip()[-500:]}"
+        print(f"bench rl: skipping the TRL comparison: {why}", file=sys.stderr)
+        return {"trl_skipped": why}
+    times = json.loads(out.read_text())["iteration_s"]
+    return {"trl_ppo_iteration_s": statistics.median(times[1:] or times), "trl_threads": o["trl_threads"]}
+
+
+def run(overrides: list[str] | None = None) -> dict:
+    from raystages.train.runner import connect_ray
+
+    o = _options(list(overrides or []))
+    with tempfile.TemporaryDirectory(prefix="raystages-bench-rl-") as tmp:
+        work = Path(tmp)
+        policy, rm = _models(work, o["preset"])
+        connect_ray()
+        result = {"options": o} | bench_engines(policy, o["batch"], o["max_new_tokens"])
+        result |= bench_ppo(policy, rm, work, o)
+        if o["trl"]:
+            result |= bench_trl(policy, rm, work, o)
+            if "trl_ppo_iteration_s" in result:
+                result["ppo_over_trl"] = result["ppo_iteration_s"] / result["trl_ppo_iteration_s"]
+    result["targets"] = {"vllm_over_hf >= 3": result["vllm_over_hf"] >= 3,
+                         "sync_over_memcpy >= 0.5": result["sync_over_memcpy"] >= 0.5}
+    if "ppo_over_trl" in result:
+        result["targets"]["ppo_over_trl <= 0.5"] = result["ppo_over_trl"] <= 0.5
+    return result

