@@ -216,19 +216,23 @@ def parse_spec(raw: dict, stage: str | None = None, source: str = "<spec>") -> S
         raise SpecError(f"{source}: invalid {stage} spec\n" + "\n".join(lines)) from None
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file that must hold a mapping, read with the safe loader; SpecError otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{p}: a spec is a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
 def load_spec(path: str | Path | None, overrides: list[str] = (), stage: str | None = None) -> StageSpec:
     """Read a YAML spec (or start from defaults when ``path`` is None), apply overrides, validate."""
-    raw: Any = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise SpecError(f"spec file {str(p)!r} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise SpecError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise SpecError(f"{p}: a spec is a mapping of sections, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path) if path is not None else {}
     raw = apply_overrides(raw, list(overrides))
     return parse_spec(raw, stage, source=str(path or "<defaults>"))
 

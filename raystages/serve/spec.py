@@ -17,10 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from raystages.spec import Section, SpecError, apply_overrides
+from raystages.spec import Section, SpecError, apply_overrides, read_yaml_mapping
 
 MODEL_NAME = r"^[A-Za-z0-9_.:-]+$"
 
@@ -85,14 +84,7 @@ def load_serve_spec(path: str | Path | None, overrides: list[str] = ()) -> Serve
     source = str(path or "<defaults>")
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise SpecError(f"spec file {source!r} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise SpecError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise SpecError(f"{p}: a spec is a mapping, got {type(raw).__name__}")
+        raw = read_yaml_mapping(p)
         raw = raw.get("serve", raw) or {}
         if not isinstance(raw, dict):
             raise SpecError(f"{p}: serve: must be a mapping")
