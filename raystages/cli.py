@@ -11,7 +11,7 @@ import sys
 
 from raystages.bench import BENCHES
 
-TRAINING_STAGES = ("pretrain", "rl")
+TRAINING_STAGES = ("pretrain", "sft", "rm", "rl")
 
 
 def _print_result(result) -> None:
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("serve", help="serve trained stages over HTTP (OpenAI-compatible)")
     add_serve_arguments(sp)
     sp.set_defaults(func=serve_main)
+    from raystages.jobs_cli import add_commands  # submit/status/logs/stop, tune, pipeline, lineage
+
+    add_commands(sub)
     return p
 
 

@@ -237,5 +237,78 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), stage: str | N
     return parse_spec(raw, stage, source=str(path or "<defaults>"))
 
 
+# --- SFT and reward-model specs -------------------------------------------------------------
+
+class ChatFieldsSpec(Section):
+    format: Literal["auto", "messages", "prompt_completion", "instruction"] = Field(
+        "auto", description="Row schema; `auto` picks by which fields a row has.")
+    messages_field: str = Field("messages", description="Conversational rows: list of {role, content}.")
+    prompt_field: str = Field("prompt", description="Prompt/completion rows: the prompt (text or messages).")
+    completion_field: str = Field("completion", description="Prompt/completion rows: the answer.")
+    instruction_field: str = Field("instruction", description="Instruction rows: the task.")
+    input_field: str = Field("input", description="Instruction rows: optional input appended to the task.")
+    output_field: str = Field("output", description="Instruction rows: the answer (alpaca `instances` lists also work).")
+
+
+class LoraSpec(Section):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights; merged into the export.")
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0, description="Adapter scale numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="Module names that get adapters.")
+
+
+class SftSection(Section):
+    fields: ChatFieldsSpec = Field(default_factory=ChatFieldsSpec)
+    packing: bool = Field(False, description="Several examples per optim.seq_len block (no attention across them); off: one padded example per row.")
+    truncate: bool = Field(False, description="Cut examples longer than optim.seq_len instead of skipping them (still skipped if no answer token is left).")
+    eval_prompts: int = Field(100, ge=0, description="Built-in task: held-out prompts answered greedily before and after SFT for exact-match accuracy.")
+    max_new_tokens: int = Field(24, ge=1, description="Token budget of those greedy answers.")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+
+
+class SftSpec(StageSpec):
+    """Supervised fine-tuning: a checkpoint learns to answer, loss on assistant tokens only."""
+
+    stage: Literal["sft"] = "sft"
+    sft: SftSection = Field(default_factory=SftSection)
+
+    @model_validator(mode="after")
+    def _needs_checkpoint(self):
+        if not self.model.path:
+            raise ValueError("model.path: SFT starts from a checkpoint (e.g. runs/pretrain/model); set model.path")
+        return self
+
+
+class PreferenceFieldsSpec(Section):
+    prompt_field: str = Field("prompt", description="Shared prompt (text or messages); rows without it give full conversations.")
+    chosen_field: str = Field("chosen", description="The preferred response (or full conversation).")
+    rejected_field: str = Field("rejected", description="The other response (or full conversation).")
+    margin_field: str = Field("margin", description="Optional per-pair margin column.")
+
+
+class RmSection(Section):
+    fields: PreferenceFieldsSpec = Field(default_factory=PreferenceFieldsSpec)
+    center_coef: float = Field(0.0, ge=0, description="Weight of the centring term coef * (r_chosen + r_rejected)^2.")
+
+
+class RmSpec(StageSpec):
+    """Reward model: a checkpoint with a scalar head learns pairwise preferences."""
+
+    stage: Literal["rm"] = "rm"
+    rm: RmSection = Field(default_factory=RmSection)
+
+    @model_validator(mode="after")
+    def _needs_checkpoint(self):
+        if not self.model.path:
+            raise ValueError("model.path: the reward model starts from a checkpoint (e.g. runs/sft/model); set model.path")
+        return self
+
+
+register("sft", SftSpec)
+register("rm", RmSpec)
+
+
 # The RL spec lives beside the RL stage (it is large); importing it registers it.
 import raystages.rl.spec  # noqa: E402,F401

@@ -44,7 +44,7 @@ def test_zero2_pretraining_lowers_held_out_loss_and_exports(pretrained_checkpoin
     # A random model over a ~300-token vocabulary starts near ln(300) = 5.7 nats.
     assert first_loss > 4.0
     assert final["val_loss"] < first_loss - 2.0, (first_loss, final)
-    assert final["step"] == 200 and lineage["stage"] == "pretrain" and lineage["parent"] is None
+    assert final["step"] == 500 and lineage["stage"] == "pretrain" and lineage["parent"] is None
     assert lineage["spec"]["deepspeed"]["zero_stage"] == 2 and len(lineage["spec_hash"]) == 16
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     model = AutoModelForCausalLM.from_pretrained(pretrained_checkpoint, use_safetensors=True)

@@ -16,3 +16,13 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = "bash .ci/setup && .venv/bin/python -m pytest -q tests"
     assert command in readme and command in ci
+
+
+def test_readme_main_command_runs_a_spec_that_validates():
+    from raystages.pipeline import load_pipeline
+
+    readme = (ROOT / "README.md").read_text()
+    command = "bash .ci/setup && .venv/bin/raystages pipeline jobs/quickstart.yaml"
+    assert command in readme
+    pipe = load_pipeline(ROOT / "jobs" / "quickstart.yaml")
+    assert list(pipe.stages) == ["pretrain", "sft", "rm", "rl"]

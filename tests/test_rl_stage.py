@@ -1,7 +1,11 @@
 """The RL stage end to end on the built-in task: GRPO and PPO raise the oracle reward of an
 SFT-like policy while the KL to it stays bounded; a rollout actor killed mid-run is replaced
-and its work redone; a KL blow-up aborts cleanly with a final checkpoint; bad specs fail at
-parse time (exit 2 from the CLI)."""
+and its work redone; a learner worker killed mid-run makes Ray Train restart the group from
+the last checkpoint and the run completes; a KL blow-up aborts cleanly with a final
+checkpoint; a rerun resumes; bad specs fail at parse time (exit 2 from the CLI).
+
+Hooks run on learner rank 0 inside its Ray Train worker and reach it by pickle: they report
+back through files, not through the test's variables."""
 
 from __future__ import annotations
 
@@ -86,23 +90,24 @@ def _check_run(result, spec, policy: Path, min_gain: float) -> dict:
 
 
 @pytest.mark.slow
-def test_grpo_raises_the_oracle_reward_and_survives_a_killed_rollout_actor(ray_session, runs_dir, sft_policy):
+def test_grpo_raises_the_oracle_reward_and_survives_a_killed_rollout_actor(ray_session, runs_dir, sft_policy, tmp_path):
     from raystages.serve.hf_generate import greedy_complete
     from raystages.stages import rl
 
     spec = _spec("grpo.yaml", runs_dir, "grpo-test", sft_policy, "algo.iterations=30", "algo.group_size=8",
                  "optim.lr=5e-4", "optim.warmup_steps=10", "limits.max_kl=5")
-    killed = []
+    killed = tmp_path / "killed-actor"
 
     def kill_actor(ctx, iteration):  # SIGKILL the rollout process right before iteration 5's rollouts
-        if iteration == 5 and not killed:
+        if iteration == 5 and not killed.exists():
             import ray
 
-            killed.append(ray.get(ctx.pool.actors[0].pid.remote()))
-            os.kill(killed[0], signal.SIGKILL)
+            pid = ray.get(ctx.pool.actors[0].pid.remote())
+            killed.write_text(str(pid))
+            os.kill(pid, signal.SIGKILL)
 
     result = rl.run(spec, hooks={"before_submit": kill_actor})
-    assert killed and result.metrics["actor_restarts"] == 1
+    assert killed.exists() and result.metrics["actor_restarts"] == 1
     m = _check_run(result, spec, sft_policy, min_gain=0.05)
     print(f"GRPO oracle reward (held-out) sampled {m['sampled_reward_before']:.3f} -> {m['sampled_reward_after']:.3f}, "
           f"greedy {m['reward_before']:.3f} -> {m['reward_after']:.3f}")
@@ -151,6 +156,11 @@ def test_kl_blowup_aborts_cleanly_with_a_final_checkpoint_hf_engine(ray_session,
     assert json.loads((result.run_dir / "summary.json").read_text())["metrics"]["aborted"] == m["aborted"]
 
 
+def _final_checkpoint(run_dir: Path) -> Path:
+    """The Ray Train checkpoint the run ended with (summary.json names it)."""
+    return Path(json.loads((run_dir / "summary.json").read_text())["checkpoint"])
+
+
 @pytest.mark.slow
 def test_one_step_off_policy_then_a_rerun_resumes_from_the_checkpoint(ray_session, runs_dir, sft_policy):
     from raystages.stages import rl
@@ -166,16 +176,65 @@ def test_one_step_off_policy_then_a_rerun_resumes_from_the_checkpoint(ray_sessio
     batch = spec.algo.prompts_per_iteration * spec.algo.group_size
     assert [r["stale_rollouts"] for r in rows] == [0, batch, batch, batch]
     assert rows[0]["logprob_gap_mean"] < 1e-4 < min(r["logprob_gap_mean"] for r in rows[1:])
-    assert (spec.run_dir() / "checkpoints" / "latest").read_text() == "iter_000002"
+    # The run ended on a Ray Train checkpoint holding the learner's DeepSpeed state, the loop
+    # state and the export; at most run.keep_checkpoints of them are kept.
+    final = _final_checkpoint(spec.run_dir())
+    assert final.parent == spec.run_dir() and (final / "policy").is_dir() and (final / "hf" / "config.json").is_file()
+    assert json.loads((final / "loop.json").read_text())["iteration"] == 4
+    assert len([p for p in spec.run_dir().glob("checkpoint_*") if p.is_dir()]) <= spec.run.keep_checkpoints
 
-    # Same run name, more iterations: resumes at iteration 2 with the learner's saved state.
-    result = rl.run(_spec("grpo.yaml", runs_dir, "offpolicy-test", sft_policy, "algo.iterations=5", *common))
+    # Same run name, more iterations: continues from the end with the learner's saved state.
+    more = _spec("grpo.yaml", runs_dir, "offpolicy-test", sft_policy, "algo.iterations=5", *common)
+    result = rl.run(more)
     rows = _metrics(spec.run_dir())
-    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 3, 4, 5]
-    assert [r["version"] for r in rows[4:]] == [3, 4, 5]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[4]["resumed_from"] == 4 and rows[4]["version"] == 5 and "resumed_from" not in rows[3]
     assert rows[4]["kl_ref"] > 0 and rows[4]["stale_rollouts"] == 0  # resumed weights, synced to the actors
     assert rows[4]["logprob_gap_mean"] < 1e-4
     assert result.metrics["iterations"] == 5
+
+    # Once more: the run has ended, so it hands back its export without training.
+    again = rl.run(more)
+    assert len(_metrics(spec.run_dir())) == 5 and again.metrics["iterations"] == 5
+    assert (again.export_dir / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_learner_worker_restarts_the_group_from_the_last_checkpoint(ray_session, runs_dir, sft_policy,
+                                                                            tmp_path):
+    from raystages.stages import rl
+
+    spec = _spec("grpo.yaml", runs_dir, "learner-kill-test", sft_policy, "algo.iterations=5",
+                 "run.checkpoint_every=2", "run.max_failures=1", "scaling.num_workers=2",
+                 "scaling.cpus_per_worker=0.5", "algo.group_size=4", "rollout.eval_prompts=8",
+                 "optim.warmup_steps=0")
+    marker, run_dir = tmp_path / "killed-learner", spec.run_dir()
+
+    def kill_rank1(ctx, iteration):
+        """Before iteration 4's rollouts (after the checkpoint at 2), once: SIGKILL rank 1."""
+        import time
+
+        if iteration != 3 or marker.exists():
+            return
+        deadline = time.time() + 120
+        # Ray registers a reported checkpoint a moment after the ranks report it.
+        while not (run_dir / "checkpoint_manager_snapshot.json").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        marker.write_text(str(ctx.learner.pids[1]))
+        os.kill(ctx.learner.pids[1], signal.SIGKILL)
+
+    result = rl.run(spec, hooks={"before_submit": kill_rank1})
+    assert marker.exists()
+    rows = _metrics(run_dir)
+    # Iteration 3 ran, rank 1 died before 4; the new group resumed from the checkpoint at 2
+    # and ran 3 again.
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 3, 4, 5], [r["iteration"] for r in rows]
+    assert rows[3]["resumed_from"] == 2 and rows[3]["version"] == 3
+    # The restored weights were synced to the (surviving) rollout actor before its rollouts.
+    assert rows[3]["stale_rollouts"] == 0 and rows[3]["logprob_gap_mean"] < 1e-4 and rows[3]["kl_ref"] > 0
+    assert max(r["logprob_gap_mean"] for r in rows) < 1e-4
+    assert result.metrics["iterations"] == 5 and result.metrics["aborted"] is None
+    assert (result.export_dir / "config.json").is_file() and (result.export_dir / "lineage.json").is_file()
 
 
 def _raw(**sections) -> dict:
@@ -227,3 +286,21 @@ def test_cli_exits_2_before_ray_for_a_bad_rl_spec(tmp_path, capsys):
     assert "group_size" in capsys.readouterr().err
     assert cli.main(["rl", str(ROOT / "jobs" / "grpo.yaml"), f"model.path={tmp_path / 'missing'}"]) == 2
     assert "model.path" in capsys.readouterr().err
+
+
+def test_reward_stats_reads_the_rm_stage_keys_and_old_files():
+    from raystages.rl.rewards import reward_stats
+
+    assert reward_stats({"reward_mean": 1.5, "reward_std": 2.0, "pairs": 10}) == (1.5, 2.0)
+    assert reward_stats({"mean": -1.0, "std": 0.0}) == (-1.0, 1e-6)
+
+
+def test_rl_fails_fast_when_learners_and_actors_cannot_all_be_placed(ray_session, random_checkpoint):
+    from raystages.spec import parse_spec
+    from raystages.stages.rl import _check_resources
+
+    raw = {"stage": "rl", "model": {"path": str(random_checkpoint)}}
+    _check_resources(parse_spec({**raw, "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}}))
+    too_many = parse_spec({**raw, "scaling": {"num_workers": 4, "cpus_per_worker": 1}})  # 4 + 1 actor > 4 CPUs
+    with pytest.raises(RuntimeError, match=r"rl needs 5 CPU at once .* has 4: lower those"):
+        _check_resources(too_many)

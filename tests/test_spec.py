@@ -23,14 +23,36 @@ def no_ray(monkeypatch):
 
 
 def test_every_job_spec_in_jobs_validates():
+    """Stage specs, pipelines (the GPU one included), tune and serve specs: each through the
+    loader its command uses, so a spec in jobs/ never fails at submit time."""
+    import yaml
+
+    from raystages.pipeline import load_pipeline
+    from raystages.serve.spec import load_serve_spec
     from raystages.spec import SPECS
+    from raystages.tune import load_tune
 
+    kinds = set()
     for path in sorted((ROOT / "jobs").glob("*.yaml")):
-        import yaml
-
         raw = yaml.safe_load(path.read_text())
-        if raw.get("stage") in SPECS:
-            load_spec(path)
+        if "stages" in raw:
+            pipe = load_pipeline(path)
+            kinds.add("pipeline")
+            for stage in pipe.stages:
+                assert pipe.stage_spec(stage).stage == stage
+        elif "tune" in raw:
+            load_tune(path)
+            kinds.add("tune")
+        elif "serve" in raw:
+            load_serve_spec(path)
+            kinds.add("serve")
+        else:
+            assert raw.get("stage") in SPECS, path
+            kinds.add(load_spec(path).stage)
+    assert kinds == {"pipeline", "tune", "serve", "pretrain", "sft", "rm", "rl"}
+    gpu = load_pipeline(ROOT / "jobs" / "gpu-llama1b.yaml")
+    assert all(gpu.stage_spec(s).scaling.use_gpu for s in gpu.stages)
+    assert gpu.stage_spec("rl").rollout.engine == "vllm" and gpu.stage_spec("pretrain").model.preset == "llama-1b"
 
 
 def test_overrides_are_typed_and_dotted():

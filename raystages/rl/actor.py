@@ -5,6 +5,11 @@ chunk per actor, runs the chunks in parallel and concatenates the results in ord
 actor (process killed, node lost) is replaced by a fresh one that loads the checkpoint and
 then the latest synced weights (the pool keeps the object-store reference of the last
 sync), and its chunk is retried — up to ``max_restarts`` replacements per run.
+
+The RL stage builds the pool on the driver, which therefore owns the actors, and hands it
+(pickled: actor handles travel) to learner rank 0, the controller. A learner group that Ray
+Train restarts gets the driver's actors again; a replacement made by rank 0 belongs to its
+worker and goes with it, and the new rank 0 replaces that actor afresh.
 """
 
 from __future__ import annotations

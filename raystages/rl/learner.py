@@ -1,33 +1,35 @@
-"""The learner: a group of Ray actors, each one data-parallel rank holding the policy and
-(PPO) the critic under DeepSpeed, plus the frozen reference policy and reward model.
+"""The learner: what one Ray Train worker holds — one DeepSpeed data-parallel rank of the
+policy and (PPO) the critic, plus the frozen reference policy and reward model — and the
+collective calls between the ranks.
 
-Why actors that set up ``torch.distributed`` + DeepSpeed themselves rather than a Ray Train
-``TorchTrainer``: a trainer owns the control flow — it runs one function to completion —
-while the RL controller must interleave learner calls with rollouts, scoring and weight
-syncs, iteration after iteration. Long-lived actors called once per phase (``compute``,
-``update``, ``publish_weights``) keep that dataflow in the controller as plain calls, as
-verl's worker groups and OpenRLHF's actor groups do. What Ray Train would add is restart on
-failure; the controller gets it by saving the learner's DeepSpeed state every
-``run.checkpoint_every`` iterations and resuming a rerun (same run name) from it.
+The ranks are the workers of a ``TorchTrainer`` (:mod:`raystages.stages.rl` fits it) and all
+run the RL loop of :mod:`raystages.rl.loop`, SPMD. Rank 0 is also the controller: it talks to
+the rollout actors, scores and computes advantages, and hands its results to the other ranks
+with :meth:`Learner.broadcast`. Ray Train owns the process group and restarts the group from
+its last reported checkpoint when a worker dies; DeepSpeed reuses that group.
 
-Every rank receives the whole batch (one object in the store) and works on its own rows:
-contiguous shards in ``compute``, a seeded permutation split into mini-batches in
-``update``, so all ranks agree on the plan without talking.
+Every rank holds the whole batch and works on its own rows: contiguous shards in
+:meth:`Learner.compute` (gathered back on every rank), a seeded permutation split into
+mini-batches in :meth:`Learner.update`, so all ranks agree on the plan without talking.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import socket
+from contextlib import nullcontext
 from datetime import timedelta
 from types import SimpleNamespace
 
-import ray
 import torch
 
 from raystages.rl.update import forward_batch, ppo_update
-from raystages.train.runner import QUIET_ENV
+
+# How long a collective waits for a peer before failing. A *dead* worker is noticed by Ray
+# Train within seconds; this bounds a *frozen* one (gloo's default is 30 minutes). It must
+# outlast the longest stretch rank 0 spends alone — generating a batch, scoring, evaluating —
+# while the other ranks wait in the next broadcast.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
 class ValueModel(torch.nn.Module):
@@ -58,94 +60,114 @@ def _deepspeed(model, spec, lr: float, grad_accum: int, total_steps: int):
     return engine
 
 
-def _setup(w, master: tuple[str, int]) -> None:
-    """Join the process group and build policy, reference, critic and reward model.
-
-    A module-level function, not an actor method: Ray pickles actor classes by value, and
-    cloudpickle would then drag in torch config objects that cannot be pickled.
-    """
+def _join_process_group(device: torch.device) -> None:
+    """DeepSpeed on the group Ray Train created, with :data:`COLLECTIVE_TIMEOUT` on the groups
+    DeepSpeed makes itself (they take torch's module default, not the world group's)."""
     import deepspeed
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import torch.distributed.distributed_c10d as c10d
 
-    from raystages.rl.rewards import RewardModelScorer, head_of
-
-    spec, a = w.spec, w.spec.algo
-    os.environ.update({"MASTER_ADDR": master[0], "MASTER_PORT": str(master[1]), "RANK": str(w.rank),
-                       "WORLD_SIZE": str(w.world), "LOCAL_RANK": "0"})
-    backend = "nccl" if w.device.type == "cuda" else "gloo"
-    # A short timeout: a dead peer should fail the call in minutes, not gloo's 30.
-    dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=w.rank,
-                            world_size=w.world, timeout=timedelta(minutes=5))
-    deepspeed.init_distributed(dist_backend=backend)
-    torch.manual_seed(spec.run.seed)
-    batch = a.prompts_per_iteration * a.group_size
-    w.grad_accum = a.mini_batch_size // (w.world * spec.optim.micro_batch_size)
-    steps = spec.algo.iterations * a.ppo_epochs * (batch // a.mini_batch_size)
-    load = dict(use_safetensors=True, dtype=torch.float32, trust_remote_code=spec.model.trust_remote_code)
-    policy = AutoModelForCausalLM.from_pretrained(spec.model.path, **load)
-    w.policy = _deepspeed(policy, spec, spec.optim.lr, w.grad_accum, steps)
-    w.ref = AutoModelForCausalLM.from_pretrained(spec.model.path, **load).to(w.device).eval()
-    w.ref.requires_grad_(False)
-    w.critic = None
-    if a.name == "ppo":
-        rm = next((s.ref for s in spec.reward.sources if s.kind == "model"), None)
-        path = {"policy": spec.model.path, "reward_model": rm}.get(spec.critic.init, spec.critic.init)
-        seq = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **load)
-        seq.config.pad_token_id = seq.config.pad_token_id or 0
-        if spec.critic.init == "policy":
-            torch.nn.init.zeros_(head_of(seq).weight)  # values start at 0, not noise
-        critic = ValueModel(seq)
-        w.critic = _deepspeed(critic, spec, spec.critic.lr or spec.optim.lr, w.grad_accum, steps)
-    w.rm = None
-    model_src = [s for s in spec.reward.sources if s.kind == "model"]
-    if model_src:
-        w.rm = RewardModelScorer(model_src[0].ref, spec.reward.retokenize, spec.reward.normalize_model, w.device)
+    c10d.default_pg_timeout = COLLECTIVE_TIMEOUT
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               timeout=COLLECTIVE_TIMEOUT, verbose=False)
 
 
-@ray.remote
-class LearnerWorker:
-    def __init__(self, spec, rank: int, world: int):
-        self.spec, self.rank, self.world = spec, rank, world
+class Learner:
+    """This rank's models and the collective calls of one RL iteration.
+
+    ``rank``/``world`` are the Ray Train world rank and size; ``pids`` every rank's process
+    id (for diagnostics and fault-injection tests). :mod:`raystages.rl.update` reads
+    ``spec``, ``rank``, ``world``, ``device``, ``policy``, ``ref``, ``critic`` and ``rm``.
+    """
+
+    def __init__(self, spec, rank: int, world: int, device: torch.device):
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        from raystages.rl.rewards import RewardModelScorer, head_of
+
+        self.spec, self.rank, self.world, self.device = spec, rank, world, device
+        a = spec.algo
         torch.set_num_threads(max(1, math.ceil(spec.scaling.cpus_per_worker)))
-        self.device = torch.device("cuda" if spec.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+        _join_process_group(device)
+        self.pids = self.all_gather(os.getpid())
+        torch.manual_seed(spec.run.seed)
+        batch = a.prompts_per_iteration * a.group_size
+        self.grad_accum = a.mini_batch_size // (world * spec.optim.micro_batch_size)
+        steps = a.iterations * a.ppo_epochs * (batch // a.mini_batch_size)
+        load = dict(use_safetensors=True, dtype=torch.float32, trust_remote_code=spec.model.trust_remote_code)
+        policy = AutoModelForCausalLM.from_pretrained(spec.model.path, **load)
+        self.policy = _deepspeed(policy, spec, spec.optim.lr, self.grad_accum, steps)
+        self.ref = AutoModelForCausalLM.from_pretrained(spec.model.path, **load).to(device).eval()
+        self.ref.requires_grad_(False)
+        self.critic = None
+        model_src = [s for s in spec.reward.sources if s.kind == "model"]
+        if a.name == "ppo":
+            path = {"policy": spec.model.path, "reward_model": model_src[0].ref if model_src else None}.get(
+                spec.critic.init, spec.critic.init)
+            seq = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **load)
+            seq.config.pad_token_id = seq.config.pad_token_id or 0
+            if spec.critic.init == "policy":
+                torch.nn.init.zeros_(head_of(seq).weight)  # values start at 0, not noise
+            self.critic = _deepspeed(ValueModel(seq), spec, spec.critic.lr or spec.optim.lr, self.grad_accum, steps)
+        self.rm = None
+        if model_src:
+            self.rm = RewardModelScorer(model_src[0].ref, spec.reward.retokenize, spec.reward.normalize_model, device)
 
-    def address(self) -> tuple[str, int]:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
+    # -- between ranks ---------------------------------------------------------------------
 
-    def setup(self, master: tuple[str, int]) -> int:
-        _setup(self, master)
-        return self.rank
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (the others pass None). For the small CPU
+        tensors and dicts the controller hands out: pickled, one collective."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    # -- one iteration ---------------------------------------------------------------------
 
     def compute(self, batch: dict) -> dict:
-        """For this rank's contiguous shard: old/ref log-probs, entropy, values, RM scores."""
-        return forward_batch(self, batch)
-
-    def score_texts(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return self.rm.score_texts(prompts, responses)
+        """Old/ref log-probs, entropy, values, RM scores ``(B, L-1)`` / ``(B,)`` for the whole
+        batch: each rank forwards its contiguous shard, every rank gets all of them."""
+        parts = self.all_gather(forward_batch(self, batch))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def update(self, batch: dict, kl_coef: float, iteration: int) -> dict:
         """PPO epochs over seeded mini-batches; token-weighted means over all ranks."""
         return ppo_update(self, batch, kl_coef, iteration)
 
+    def score_texts(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Reward-model scores ``(B,)`` of re-tokenised text (``reward.retokenize``)."""
+        return self.rm.score_texts(prompts, responses)
+
     # -- weights out -----------------------------------------------------------------------
 
-    def _gathered(self):
-        """Context in which every parameter is whole on every rank (ZeRO-3 gathers; others no-op)."""
-        from contextlib import nullcontext
-
-        import deepspeed
-
+    def gathered(self):
+        """Context in which every parameter is whole on every rank (ZeRO-3 gathers; others
+        no-op). Collective: every rank enters it."""
         if self.spec.deepspeed.zero_stage == 3:
+            import deepspeed
+
             return deepspeed.zero.GatheredParameters(list(self.policy.module.parameters()), modifier_rank=None)
         return nullcontext()
 
     def publish_weights(self) -> tuple[list | None, int]:
         """Every rank joins the gather; rank 0 puts the weights in the object store and
-        returns ``([ref], bytes)`` (the list keeps Ray from resolving the ref on return)."""
-        with self._gathered():
+        returns ``([ref], bytes)`` (the list keeps Ray from resolving the ref when passed)."""
+        import ray
+
+        with self.gathered():
             if self.rank != 0:
                 return None, 0
             named = [(n, p.detach().to("cpu", copy=True)) for n, p in self.policy.module.named_parameters()]
@@ -158,25 +180,15 @@ class LearnerWorker:
         return {"names": [n for n, _ in named], "dtype_names": [str(p.dtype).removeprefix("torch.") for _, p in named],
                 "shapes": [list(getattr(p, "ds_shape", p.shape)) for _, p in named]}
 
-    def nccl_broadcast(self, init: dict | None, version: int) -> int:
-        """GPU sync: join the NCCL group (``init`` given, rank 0 only) or broadcast the weights."""
-        from raystages.rl.sync import nccl_send
+    def export(self, out_dir: str, tokenizer) -> None:
+        """Rank 0 writes the policy as a Hugging Face checkpoint. Collective (ZeRO-3 gather)."""
+        from raystages.models import export_hf
 
-        if init is not None:
-            return nccl_send(self, init, [])
-        with self._gathered():
+        with self.gathered():
             if self.rank == 0:
-                return nccl_send(self, None, list(self.policy.module.named_parameters()))
-        return 0
+                export_hf(self.policy.module, tokenizer, out_dir)
 
-    def export(self, out_dir: str, tokenizer_dir: str) -> str | None:
-        from raystages.models import export_hf, load_tokenizer
-
-        with self._gathered():
-            if self.rank == 0:
-                export_hf(self.policy.module, load_tokenizer(tokenizer_dir), out_dir)
-                return out_dir
-        return None
+    # -- checkpoints (every rank writes its own DeepSpeed shards) ---------------------------
 
     def save(self, ckpt_dir: str) -> None:
         self.policy.save_checkpoint(ckpt_dir, tag="policy")
@@ -187,46 +199,3 @@ class LearnerWorker:
         self.policy.load_checkpoint(ckpt_dir, tag="policy")
         if self.critic is not None:
             self.critic.load_checkpoint(ckpt_dir, tag="critic")
-
-
-class LearnerGroup:
-    """Driver-side handle: starts ``scaling.num_workers`` ranks and fans calls out."""
-
-    def __init__(self, spec):
-        s = spec.scaling
-        opts = {"num_cpus": s.cpus_per_worker, "num_gpus": s.gpus_per_worker if s.use_gpu else 0,
-                "runtime_env": {"env_vars": dict(QUIET_ENV)}}
-        self.world = s.num_workers
-        self.workers = [LearnerWorker.options(**opts).remote(spec, r, self.world) for r in range(self.world)]
-        master = ray.get(self.workers[0].address.remote())
-        ray.get([w.setup.remote(master) for w in self.workers])
-
-    def _all(self, method: str, *args):
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
-
-    def compute(self, batch: dict) -> dict:
-        ref = ray.put(batch)
-        parts = self._all("compute", ref)
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-    def update(self, batch: dict, kl_coef: float, iteration: int) -> dict:
-        return self._all("update", ray.put(batch), kl_coef, iteration)[0]
-
-    def publish_weights(self) -> tuple[list, int]:
-        return self._all("publish_weights")[0]
-
-    def score_texts(self, prompts, responses) -> torch.Tensor:
-        return ray.get(self.workers[0].score_texts.remote(prompts, responses))
-
-    def export(self, out_dir: str, tokenizer_dir: str) -> None:
-        self._all("export", out_dir, tokenizer_dir)
-
-    def save(self, ckpt_dir: str) -> None:
-        self._all("save", ckpt_dir)
-
-    def load(self, ckpt_dir: str) -> None:
-        self._all("load", ckpt_dir)
-
-    def shutdown(self) -> None:
-        for w in self.workers:
-            ray.kill(w)

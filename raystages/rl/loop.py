@@ -1,17 +1,24 @@
-"""The RL controller: one process owns the dataflow, as plain calls on worker groups (verl's
-single-controller pattern). One iteration::
+"""The RL loop, run SPMD by every learner rank inside Ray Train; rank 0 is the controller
+(verl's single-controller dataflow, as plain calls). One iteration — ``[0]``: rank 0 alone,
+``[0] -> all``: rank 0's result broadcast to every rank, ``all``: every rank, collectively::
 
-    gens    = pool.generate(prompts, seeds)          # rollout actors (vLLM / transformers)
-    batch   = collate(gens)                           # padded tensors, response mask
-    batch  |= learner.compute(batch)                  # old/ref log-probs, entropy, values, RM
-    scores  = rewards(prompts, responses)             # oracle / callables / reward model
-    batch  |= advantages(spec, batch, scores, kl)     # GAE or group-relative (pure math)
-    stats   = learner.update(batch, kl, iteration)    # PPO epochs over mini-batches
-    sync    = weight_sync.sync()                      # learner -> every actor, versioned
+    gens    = pool.collect(submit(prompts, seeds))    [0]         rollout actors (vLLM / transformers)
+    batch   = collate(gens)                           [0] -> all  padded tensors, response mask
+    batch  |= learner.compute(batch)                  all         old/ref log-probs, entropy, values, RM
+    scores  = score(prompts, responses)               [0]         oracle / callables / reward model
+    batch  |= advantages(spec, batch, scores, kl)     [0] -> all  GAE or group-relative (pure math)
+    stats   = learner.update(batch, kl, iteration)    all         PPO epochs over mini-batches
+    sync    = weight_sync.sync()                      all         rank 0 pushes to every actor, versioned
 
 With ``algo.one_step_off_policy`` the next batch is generated while the learner updates.
-Every ``run.checkpoint_every`` iterations the learner's DeepSpeed state and this loop's
-state are saved; a rerun with the same run name resumes from there.
+
+Checkpoints are Ray Train's: every ``run.checkpoint_every`` iterations every rank saves its
+DeepSpeed shards (policy, critic) and rank 0 the loop's state, and all report them as one
+checkpoint. When a worker dies Ray Train restarts the group, :func:`train_loop` restores
+the last checkpoint and pushes its weights to the rollout actors (which outlive the group),
+and the run goes on; a rerun with the same run name resumes the same way. The end of the
+run is a checkpoint too, with the HF export in ``hf/`` and ``final.json``: a rerun of a
+finished run returns at once, one with more ``algo.iterations`` continues from the end.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +37,17 @@ from raystages.rl.algos import AdaptiveKLController, FixedKLController
 from raystages.rl.batch import RunningMoments, advantages, collate, health, shape_scores
 from raystages.rl.rewards import TextRewards, oracle_scores
 from raystages.train.metrics import say
+from raystages.train.worker import FINAL_MARKER
+
+LOOP_STATE = "loop.json"  # in every checkpoint, next to the DeepSpeed state
+EXPORT_SUBDIR = "hf"  # the final checkpoint's Hugging Face export
 
 
 @dataclass
 class LoopState:
+    """What a resumed run needs besides the DeepSpeed state. Rank 0's is the one saved; the
+    other ranks keep ``iteration`` and ``version`` up to date and nothing else."""
+
     iteration: int = 0
     kl_coef: float = 0.0
     version: int = 0
@@ -45,12 +60,54 @@ class LoopState:
 class Context:
     spec: object
     tokenizer: object
-    pool: object  # RolloutPool
-    learner: object  # LearnerGroup
+    learner: object  # this rank's Learner
     sync: object  # WeightSync
+    pool: object | None  # RolloutPool on rank 0 (the controller), None on the other ranks
     prompts: list  # train prompt texts
     eval_prompts: list
-    hooks: dict = field(default_factory=dict)  # event name -> fn(ctx, iteration); for tests and tools
+    hooks: dict = field(default_factory=dict)  # event name -> fn(ctx, iteration), on rank 0; for tests and tools
+    resumed_from: int | None = None  # the restored checkpoint's iteration, until the next one is logged
+
+    @property
+    def controller(self) -> bool:
+        return self.learner.rank == 0
+
+
+def train_loop(config: dict) -> None:
+    """The Ray Train worker function, on every rank: resume or start, train, finish.
+
+    ``config``: ``spec``, ``pool`` (the driver's RolloutPool), ``prompts``, ``eval_prompts``,
+    ``tokenizer_dir``, ``run_dir``, ``hooks``.
+    """
+    import ray.train
+
+    from raystages.models import load_tokenizer
+    from raystages.rl.learner import Learner
+    from raystages.rl.sync import WeightSync
+    from raystages.train.metrics import MetricsLog
+
+    spec = config["spec"]
+    tc = ray.train.get_context()
+    rank, world = tc.get_world_rank(), tc.get_world_size()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint and _report_if_ended(checkpoint, spec, rank):
+        return
+    device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
+    learner = Learner(spec, rank, world, device)
+    pool = config["pool"] if rank == 0 else None
+    ctx = Context(spec, load_tokenizer(config["tokenizer_dir"], spec.model.trust_remote_code), learner,
+                  WeightSync(learner, pool), pool, config["prompts"], config["eval_prompts"], config.get("hooks") or {})
+    state = restore(ctx, checkpoint) if checkpoint else LoopState(kl_coef=spec.kl.coef)
+    # The actors may hold another attempt's weights (after a restart or a rerun): give them
+    # this attempt's, under the version they were saved as.
+    ctx.sync.push(state.version)
+    log = None
+    if rank == 0:
+        log = MetricsLog(Path(config["run_dir"]), spec.algo.iterations, spec.logging.tensorboard, "tok")
+    result = train(ctx, state, log)
+    save_checkpoint(ctx, state, result["last"], final=result)
+    if log:
+        log.close()
 
 
 def encode(tok, prompts: list[str]) -> list[list[int]]:
@@ -139,88 +196,149 @@ def _check_limits(spec, h: dict) -> str | None:
     return None
 
 
-def _save(ctx: Context, state: LoopState, run_dir: Path) -> None:
-    ckpt = run_dir / "checkpoints" / f"iter_{state.iteration:06d}"
-    shutil.rmtree(ckpt, ignore_errors=True)
-    ctx.learner.save(str(ckpt))
-    (ckpt / "loop.json").write_text(json.dumps(asdict(state)))
-    # "latest" is written last: a crash mid-save leaves the previous checkpoint in charge.
-    (run_dir / "checkpoints" / "latest.tmp").write_text(ckpt.name)
-    (run_dir / "checkpoints" / "latest.tmp").rename(run_dir / "checkpoints" / "latest")
-    for old in sorted((run_dir / "checkpoints").glob("iter_*"))[:-ctx.spec.run.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+def _flat(metrics: dict) -> dict:
+    """The scalars of ``metrics``: what Ray Train keeps with a checkpoint."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
-def _resume(ctx: Context, run_dir: Path) -> LoopState | None:
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
-        return None
-    ckpt = run_dir / "checkpoints" / latest.read_text().strip()
-    ctx.learner.load(str(ckpt))
-    state = LoopState(**json.loads((ckpt / "loop.json").read_text()))
-    ctx.sync.version = state.version - 1
-    ctx.sync.sync()  # the actors start from the base checkpoint: give them the resumed weights
-    say(f"resumed from {ckpt.name} (iteration {state.iteration})")
+def save_checkpoint(ctx: Context, state: LoopState, metrics: dict, final: dict | None = None) -> None:
+    """Collective. Every rank saves its DeepSpeed shards in a temp dir, rank 0 adds the loop
+    state (and, ``final`` given, the HF export and ``final.json``); Ray merges the ranks' dirs
+    into one checkpoint and registers it only once all have reported, so a crash mid-save
+    leaves the previous one in charge."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    tmp = Path(tempfile.mkdtemp(prefix="raystages-rl-ckpt-"))
+    try:
+        ctx.learner.save(str(tmp))
+        if final is not None:
+            ctx.learner.export(str(tmp / EXPORT_SUBDIR), ctx.tokenizer)
+        if ctx.controller:
+            (tmp / LOOP_STATE).write_text(json.dumps(asdict(state)))
+            if final is not None:
+                (tmp / FINAL_MARKER).write_text(json.dumps(final, default=str))
+        ray.train.report(_flat(metrics) | {"iteration": state.iteration},
+                         checkpoint=Checkpoint.from_directory(str(tmp)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore(ctx: Context, checkpoint) -> LoopState:
+    """Collective. Every rank loads the DeepSpeed state and the loop state of ``checkpoint``."""
+    with checkpoint.as_directory() as d:
+        ctx.learner.load(d)
+        state = LoopState(**json.loads((Path(d) / LOOP_STATE).read_text()))
+    ctx.resumed_from = state.iteration
+    if ctx.controller:
+        say(f"resumed from iteration {state.iteration} ({checkpoint.path})")
     return state
 
 
-def train(ctx: Context, run_dir: Path, log=None) -> dict:
-    spec, a = ctx.spec, ctx.spec.algo
-    state = _resume(ctx, run_dir) or LoopState(kl_coef=spec.kl.coef)
+def _report_if_ended(checkpoint, spec, rank: int) -> bool:
+    """When ``checkpoint`` is the final one of a run that ended (all its iterations, or a
+    limit aborted it), report it again so the driver gets its export, and return True. Every
+    rank reads the same marker, so all take the same branch."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with checkpoint.as_directory() as d:
+        marker = Path(d) / FINAL_MARKER
+        if not marker.is_file():
+            return False
+        final = json.loads(marker.read_text())
+        if final["iterations"] < spec.algo.iterations and not final["aborted"]:
+            return False  # more iterations asked for: continue from the end
+        if rank == 0:
+            say(f"this run already ended at iteration {final['iterations']}; returning its final checkpoint")
+        ray.train.report(_flat(final["last"]) | {"iteration": final["iterations"]},
+                         checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+        return True
+
+
+def _plan(ctx: Context, batch: dict, texts: list[str], gens, kl, moments: RunningMoments) -> tuple[dict, dict]:
+    """Controller: score the responses, then advantages, health and limits. Returns what every
+    rank needs for the update — ``advantages`` (and PPO ``returns``) ``(B, L-1)``,
+    ``kl_coef``, ``aborted`` (None or why) — and the iteration's metrics so far."""
+    spec = ctx.spec
+    responses = [ctx.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
+    scores, metrics = score(ctx, batch, texts, responses)
+    adv = advantages(spec, batch, shape_scores(scores, spec.algo, moments), kl.value)
+    h = health(batch | adv)
+    return {"advantages": adv, "kl_coef": kl.value, "aborted": _check_limits(spec, h)}, metrics | h
+
+
+def _record(ctx: Context, state: LoopState, kl, moments: RunningMoments, metrics: dict, log) -> None:
+    """Controller: the loop state to checkpoint, metrics.jsonl and the progress line."""
+    state.kl_coef = kl.value
+    state.moments = [moments.n, moments.mean, moments.m2]
+    state.history.append({k: metrics[k] for k in ("iteration", "reward", "kl_ref", "response_len") if k in metrics}
+                         | ({"reward_oracle": metrics["reward_oracle"]} if "reward_oracle" in metrics else {}))
+    if log:
+        log.log(state.iteration, metrics)
+    say(f"iter {state.iteration}/{ctx.spec.algo.iterations} | reward {metrics['reward']:.3f}"
+        + (f" | oracle {metrics['reward_oracle']:.3f}" if "reward_oracle" in metrics else "")
+        + f" | kl {metrics['kl_ref']:.3f} | len {metrics['response_len']:.1f} | gap {metrics['logprob_gap_mean']:.1e}"
+        + f" | clip {metrics.get('clip_frac', 0):.2f} | {metrics['iteration_s']:.1f}s")
+
+
+def train(ctx: Context, state: LoopState, log=None) -> dict:
+    """Iterations ``state.iteration + 1 .. algo.iterations``, on every rank; rank 0 also
+    evaluates before and after. Returns the run's result (complete on rank 0)."""
+    spec, a, learner = ctx.spec, ctx.spec.algo, ctx.learner
     kl = (AdaptiveKLController(state.kl_coef, spec.kl.target, spec.kl.horizon) if spec.kl.adaptive
           else FixedKLController(state.kl_coef))
     moments = RunningMoments()
     moments.n, moments.mean, moments.m2 = state.moments
-    if not state.before:
+    if ctx.controller and not state.before:
         state.before = evaluate(ctx)
         say(f"before: {state.before}")
     aborted, metrics = None, {}
-    pending = submit(ctx, state.iteration) if state.iteration < a.iterations else None
+    pending = submit(ctx, state.iteration) if ctx.controller and state.iteration < a.iterations else None
     while state.iteration < a.iterations:
-        it, t0 = state.iteration, time.perf_counter()
-        texts, work = pending
-        gens = ctx.pool.collect(work)
+        it, version, t0 = state.iteration, state.version, time.perf_counter()
+        gens = texts = None
+        if ctx.controller:
+            texts, work = pending
+            gens = ctx.pool.collect(work)
+            pending = None
+            if a.one_step_off_policy and it + 1 < a.iterations:
+                pending = submit(ctx, it + 1)  # generated with the current weights, during the update
         t_gen = time.perf_counter() - t0
-        pending = None
-        if a.one_step_off_policy and it + 1 < a.iterations:
-            pending = submit(ctx, it + 1)  # generated with the current weights, during the update
-        batch = collate(gens, ctx.tokenizer.pad_token_id)
+        batch = learner.broadcast(collate(gens, ctx.tokenizer.pad_token_id) if ctx.controller else None)
+        batch.update(learner.compute(batch))
+        t_compute = time.perf_counter() - t0 - t_gen
+        plan, metrics = _plan(ctx, batch, texts, gens, kl, moments) if ctx.controller else (None, {})
+        plan = learner.broadcast(plan)
+        batch.update(plan["advantages"])
         t1 = time.perf_counter()
-        batch.update(ctx.learner.compute(batch))
-        t_compute = time.perf_counter() - t1
-        responses = [ctx.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
-        scores, metrics = score(ctx, batch, texts, responses)
-        batch.update(advantages(spec, batch, shape_scores(scores, a, moments), kl.value))
-        h = health(batch)
-        t1 = time.perf_counter()
-        metrics |= h | ctx.learner.update(batch, kl.value, it)
+        stats = learner.update(batch, plan["kl_coef"], it)
         t_update = time.perf_counter() - t1
-        kl.update(h["kl_ref_k1"], len(gens))
-        metrics |= ctx.sync.sync()
-        stale = sum(g.version != state.version for g in gens)
-        metrics |= {"iteration": it + 1, "kl_coef": kl.value, "stale_rollouts": stale, "gen_s": t_gen,
-                    "gen_tokens_per_s": batch["response_len"].sum().item() / max(t_gen, 1e-9),
-                    "compute_s": t_compute, "update_s": t_update, "iteration_s": time.perf_counter() - t0,
-                    "actor_restarts": ctx.pool.restarts}
-        state.iteration, state.version, state.kl_coef = it + 1, metrics["version"], kl.value
-        state.moments = [moments.n, moments.mean, moments.m2]
-        state.history.append({k: metrics[k] for k in ("iteration", "reward", "kl_ref", "response_len") if k in metrics}
-                             | ({"reward_oracle": metrics["reward_oracle"]} if "reward_oracle" in metrics else {}))
-        if log:
-            log.log(it + 1, metrics)
-        say(f"iter {it + 1}/{a.iterations} | reward {metrics['reward']:.3f}"
-            + (f" | oracle {metrics['reward_oracle']:.3f}" if "reward_oracle" in metrics else "")
-            + f" | kl {h['kl_ref']:.3f} | len {h['response_len']:.1f} | gap {h['logprob_gap_mean']:.1e}"
-            + f" | clip {metrics.get('clip_frac', 0):.2f} | {metrics['iteration_s']:.1f}s")
-        aborted = _check_limits(spec, h)
-        if aborted:
-            say(f"aborting: {aborted}")
+        metrics |= stats | ctx.sync.sync()
+        state.iteration, state.version = it + 1, ctx.sync.version
+        if ctx.controller:
+            kl.update(metrics["kl_ref_k1"], len(gens))
+            metrics |= {"iteration": it + 1, "kl_coef": kl.value, "gen_s": t_gen,
+                        "stale_rollouts": sum(g.version != version for g in gens),
+                        "gen_tokens_per_s": batch["response_len"].sum().item() / max(t_gen, 1e-9),
+                        "compute_s": t_compute, "update_s": t_update, "iteration_s": time.perf_counter() - t0,
+                        "actor_restarts": ctx.pool.restarts}
+            if ctx.resumed_from is not None:
+                metrics["resumed_from"], ctx.resumed_from = ctx.resumed_from, None
+            _record(ctx, state, kl, moments, metrics, log)
+        if plan["aborted"]:
+            aborted = plan["aborted"]
+            if ctx.controller:
+                say(f"aborting: {aborted}")
             break
         if state.iteration % spec.run.checkpoint_every == 0 and state.iteration < a.iterations:
-            _save(ctx, state, run_dir)
-        if pending is None and state.iteration < a.iterations:
+            save_checkpoint(ctx, state, metrics)
+        if ctx.controller and pending is None and state.iteration < a.iterations:
             pending = submit(ctx, state.iteration)
-    after = evaluate(ctx)
-    say(f"after: {after}")
+    after = {}
+    if ctx.controller:
+        after = evaluate(ctx)
+        say(f"after: {after}")
+    last = metrics or (state.history[-1] if state.history else {})
     return {"before": state.before, "after": after, "aborted": aborted, "iterations": state.iteration,
-            "last": metrics, "history": state.history, "actor_restarts": ctx.pool.restarts}
+            "last": last, "history": state.history, "actor_restarts": ctx.pool.restarts if ctx.pool else 0}

@@ -4,8 +4,9 @@ Text sources (:class:`TextRewards`) run in the controller on decoded ``(prompt, 
 strings. A reward model (:class:`RewardModelScorer`) runs on the learner workers, next to
 the policy: either on the policy's own token ids (same tokenizer) or, with
 ``reward.retokenize``, on the text re-encoded with its own tokenizer and chat template.
-Scores are normalised with the checkpoint's ``reward_stats.json`` (``{"mean", "std"}``, as
-the reward-model stage writes it) when present, so weights mean the same across RMs.
+Scores are normalised with the checkpoint's ``reward_stats.json`` (``reward_mean`` /
+``reward_std``, as the reward-model stage writes them; older files say ``mean`` / ``std``)
+when present, so weights mean the same across RMs.
 """
 
 from __future__ import annotations
@@ -87,6 +88,14 @@ def last_token(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tens
     return values.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
+def reward_stats(stats: dict) -> tuple[float, float]:
+    """``(mean, std)`` from a ``reward_stats.json``: the RM stage's ``reward_mean`` /
+    ``reward_std``, or the ``mean`` / ``std`` of files written before it."""
+    mean = stats["reward_mean"] if "reward_mean" in stats else stats["mean"]
+    std = stats["reward_std"] if "reward_std" in stats else stats["std"]
+    return float(mean), max(float(std), 1e-6)
+
+
 class RewardModelScorer:
     def __init__(self, path: str, retokenize: bool, normalize: bool, device="cpu") -> None:
         from transformers import AutoModelForSequenceClassification
@@ -101,8 +110,7 @@ class RewardModelScorer:
         self.mean, self.std = 0.0, 1.0
         stats = Path(path) / REWARD_STATS
         if normalize and stats.is_file():
-            s = json.loads(stats.read_text())
-            self.mean, self.std = float(s["mean"]), max(float(s["std"]), 1e-6)
+            self.mean, self.std = reward_stats(json.loads(stats.read_text()))
 
     @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,7 @@ class RewardSourceSpec(Section):
 class RewardSpec(Section):
     sources: list[RewardSourceSpec] = Field(default_factory=lambda: [RewardSourceSpec(kind="oracle")], description="Reward sources, summed with their weights.")
     retokenize: bool = Field(False, description="Score with the reward model's own tokenizer and chat template (needed when it differs from the policy's).")
-    normalize_model: bool = Field(True, description="Normalise reward-model scores with the checkpoint's reward_stats.json (mean/std) when present.")
+    normalize_model: bool = Field(True, description="Normalise reward-model scores with the checkpoint's reward_stats.json (reward_mean/reward_std) when present.")
 
 
 class CriticSpec(Section):

@@ -1,21 +1,26 @@
 """Versioned weight sync, learner -> every rollout actor, after each update.
 
-CPU (and the default everywhere): learner rank 0 gathers the policy's parameters (under
-ZeRO-3 every rank joins ``GatheredParameters`` first), copies them to CPU and ``ray.put``s
-them once; every actor fetches that one object from the object store (zero-copy from shared
-memory on the same node) and loads it in place (:meth:`Engine.update_weights`). The version
-number travels with the weights; each generation reports the version it used, so the
-controller can check that rollouts are on-policy.
+Every learner rank holds a :class:`WeightSync` and calls ``sync()`` at the same point of the
+loop: under ZeRO-3 every rank must join the parameter gather; rank 0 (the controller, the only
+rank that holds the rollout pool) then ships the weights.
 
-GPU (``if torch.cuda.is_available()`` and vLLM engines): an NCCL group of learner rank 0 +
-one vLLM worker per actor, through vLLM's weight-transfer API (``weight_transfer_config``
-with the ``nccl`` backend; ``init_weight_transfer_engine`` / ``start_weight_update`` /
-``update_weights`` / ``finish_weight_update`` on the workers) while rank 0 broadcasts each
-tensor. Written against vLLM 0.32's API; CI here has no GPU, so the CPU path is the tested one.
+CPU (and the default everywhere): rank 0 copies the policy's parameters to CPU and
+``ray.put``s them once; every actor fetches that one object from the object store (zero-copy
+from shared memory on the same node) and loads it in place (:meth:`Engine.update_weights`).
+The version number travels with the weights; each generation reports the version it used, so
+the controller can check that rollouts are on-policy.
+
+GPU (``if torch.cuda.is_available()`` and vLLM engines): an NCCL group of learner rank 0 (in
+its Ray Train worker) + one vLLM worker per actor, through vLLM's weight-transfer API
+(``weight_transfer_config`` with the ``nccl`` backend; ``init_weight_transfer_engine`` /
+``start_weight_update`` / ``update_weights`` / ``finish_weight_update`` on the workers) while
+rank 0 broadcasts each tensor. A restarted learner group opens a new group (untested). Written
+against vLLM 0.32's API; CI here has no GPU, so the CPU path is the tested one.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 
 import ray
@@ -23,31 +28,40 @@ import torch
 
 
 class WeightSync:
-    """Controller side: ``sync()`` bumps the version and pushes the learner's weights."""
+    """``sync()`` bumps the version and pushes the learner's weights; ``push(version)``
+    pushes them under a given version (a restored checkpoint's). Collective: every rank
+    calls both; ``pool`` is the rollout pool on rank 0 and None elsewhere."""
 
     def __init__(self, learner, pool, use_nccl: bool | None = None):
         self.learner, self.pool = learner, pool
         self.version = 0
-        self.use_nccl = (torch.cuda.is_available() and pool.kind == "vllm") if use_nccl is None else use_nccl
+        # Decided from the spec, not the pool, so that every rank agrees.
+        if use_nccl is None:
+            use_nccl = torch.cuda.is_available() and learner.spec.rollout_engine() == "vllm"
+        self.use_nccl = use_nccl
         self._nccl_init = None
-        if self.use_nccl:
+        if self.use_nccl and pool is not None:
             self._nccl_init = _nccl_setup(learner, pool)
             # A replacement actor would not be in the NCCL group: fail loudly instead of
             # hanging in the next broadcast.
             pool.max_restarts = 0
 
     def sync(self) -> dict:
-        self.version += 1
+        return self.push(self.version + 1)
+
+    def push(self, version: int) -> dict:
+        self.version = version
         t0 = time.perf_counter()
+        t_pub = 0.0
         if self.use_nccl:
-            nbytes = _nccl_sync(self.learner, self.pool, self._nccl_init, self.version)
-            t_pub = 0.0
+            nbytes = _nccl_sync(self.learner, self.pool, version)
         else:
             ref, nbytes = self.learner.publish_weights()
             t_pub = time.perf_counter() - t0
-            self.pool.update_weights(ref, self.version)
+            if self.pool is not None:
+                self.pool.update_weights(ref, version)
         dt = time.perf_counter() - t0
-        return {"version": self.version, "sync_s": dt, "sync_publish_s": t_pub, "sync_bytes": nbytes,
+        return {"version": version, "sync_s": dt, "sync_publish_s": t_pub, "sync_bytes": nbytes,
                 "sync_bytes_per_s": nbytes / max(dt, 1e-9)}
 
 
@@ -65,37 +79,50 @@ def memcpy_bytes_per_s(nbytes: int, repeats: int = 5) -> float:
 
 # -- GPU path: NCCL through vLLM's weight-transfer API ---------------------------------------
 
+def _free_address() -> tuple[str, int]:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
 def _nccl_setup(learner, pool) -> dict:
-    host, port = ray.get(learner.workers[0].address.remote())
+    """On rank 0: open the NCCL group of rank 0 + every actor's vLLM worker."""
+    host, port = _free_address()
     world = 1 + len(pool.actors)
     futures = [a.call_engine.remote("init_nccl", {"master_address": host, "master_port": port,
                                                   "rank_offset": 1 + i, "world_size": world})
                for i, a in enumerate(pool.actors)]
     init = {"master_address": host, "master_port": port, "world_size": world}
-    ray.get([learner.workers[0].nccl_broadcast.remote(init, 0)] + futures)
+    nccl_send(learner, init, [])  # returns once the actors have joined
+    ray.get(futures)
     return init
 
 
-def _nccl_sync(learner, pool, init: dict, version: int) -> int:
-    meta = ray.get(learner.workers[0].weight_meta.remote())
-    receivers = [a.call_engine.remote("receive_nccl", meta, version) for a in pool.actors]
-    senders = [w.nccl_broadcast.remote(None, version) for w in learner.workers]
-    nbytes = ray.get(senders)[0]
+def _nccl_sync(learner, pool, version: int) -> int:
+    """Every rank joins the gather; rank 0 broadcasts each tensor to the actors."""
+    receivers = []
+    if pool is not None:
+        meta = learner.weight_meta()
+        receivers = [a.call_engine.remote("receive_nccl", meta, version) for a in pool.actors]
+    nbytes = 0
+    with learner.gathered():
+        if learner.rank == 0:
+            nbytes = nccl_send(learner, None, list(learner.policy.module.named_parameters()))
     ray.get(receivers)
     return nbytes
 
 
-def nccl_send(worker, init: dict | None, named_params) -> int:
+def nccl_send(learner, init: dict | None, named_params) -> int:
     """On learner rank 0: join the group (first call, ``init`` given) or broadcast every tensor."""
     if init is not None:
         from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
-        worker._nccl = trainer_init(init)
+        learner._nccl = trainer_init(init)
         return 0
     nbytes = 0
     for _, p in named_params:
         t = p.detach().contiguous()
-        worker._nccl.broadcast(t, src=0, stream=torch.cuda.current_stream())
+        learner._nccl.broadcast(t, src=0, stream=torch.cuda.current_stream())
         nbytes += t.numel() * t.element_size()
     torch.cuda.synchronize()
     return nbytes

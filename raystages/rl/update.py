@@ -1,8 +1,8 @@
 """What a learner rank computes: the forward pass over a batch shard and the PPO update.
 
-Module-level functions called by :class:`raystages.rl.learner.LearnerWorker` (``w``): Ray
-pickles actor classes by value, so the substance lives here, imported by reference. Shapes
-as in :mod:`raystages.rl.batch`: ``(B, L)`` ids/mask, ``(B, L - 1)`` per-token tensors.
+Called by :class:`raystages.rl.learner.Learner` (``w``: reads ``spec``, ``rank``, ``world``,
+``device``, ``policy``, ``ref``, ``critic``, ``rm``), on every Ray Train worker. Shapes as in
+:mod:`raystages.rl.batch`: ``(B, L)`` ids/mask, ``(B, L - 1)`` per-token tensors.
 """
 
 from __future__ import annotations

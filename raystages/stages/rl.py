@@ -3,11 +3,15 @@
     raystages rl jobs/grpo.yaml model.path=runs/sft/model [algo.iterations=30 ...]
     raystages rl jobs/rl.yaml            # PPO with a critic
 
-Rollout actors (vLLM, or transformers) sample responses; a DeepSpeed learner (Ray actors,
-one per data-parallel rank) recomputes log-probs, scores, and updates policy and critic; the
-new weights are synced to every actor after each update. The tuned policy is exported as a
-Hugging Face checkpoint in ``run_dir/model`` with ``lineage.json`` pointing at the SFT
-parent; ``summary.json`` holds the reward before/after and per-iteration health.
+The driver starts the rollout actors (vLLM, or transformers: :class:`RolloutPool`) and then
+fits a Ray Train ``TorchTrainer`` whose workers are the learner: one DeepSpeed data-parallel
+rank each, holding the policy and the critic, all running the loop of
+:mod:`raystages.rl.loop`. Rank 0 is the controller — it drives the rollout actors, scores and
+computes advantages — and after each update the new weights are synced to every actor. The
+driver owns the actors, so they outlive a learner group that Ray Train restarts from its last
+checkpoint after a worker dies. The tuned policy is exported as a Hugging Face checkpoint in
+``run_dir/model`` with ``lineage.json`` pointing at the SFT parent; ``summary.json`` holds the
+reward before/after and per-iteration health.
 """
 
 from __future__ import annotations
@@ -38,20 +42,29 @@ def load_prompts(spec) -> tuple[list[str], list[str], list[str]]:
 
 
 def _check_resources(spec) -> None:
-    """Fail now, not after a 5-minute rendezvous timeout, when the learner and rollout actors
-    cannot all be placed at once (each learner rank waits for the others in its setup)."""
+    """Fail now, with what to change, when the learner workers and rollout actors cannot all
+    be placed at once: Ray Train would otherwise wait for the resources forever. Each
+    learner worker reserves ``resources_per_worker`` (the trainer's controller needs none),
+    each actor its CPUs/GPUs; every one of them must also fit on a single node."""
     import ray
 
     s, r = spec.scaling, spec.rollout
-    need = {"CPU": s.num_workers * s.cpus_per_worker + r.num_actors * r.cpus_per_actor,
-            "GPU": s.num_workers * (s.gpus_per_worker if s.use_gpu else 0) + r.num_actors * r.gpus_per_actor}
+    per_worker = {"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker if s.use_gpu else 0}
+    per_actor = {"CPU": r.cpus_per_actor, "GPU": r.gpus_per_actor}
+    how = (f"({s.num_workers} learner workers x scaling.cpus_per_worker / gpus_per_worker + {r.num_actors} "
+           f"rollout actors x rollout.cpus_per_actor / gpus_per_actor)")
     have = ray.cluster_resources()
-    for res, amount in need.items():
-        if amount > have.get(res, 0) + 1e-9:
-            raise RuntimeError(
-                f"rl needs {amount:g} {res} at once ({s.num_workers} learner workers x scaling.cpus_per_worker / "
-                f"gpus_per_worker + {r.num_actors} rollout actors x rollout.cpus_per_actor / gpus_per_actor) but the "
-                f"Ray cluster has {have.get(res, 0):g}: lower those (fractions are fine) or add nodes")
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for res in ("CPU", "GPU"):
+        need = s.num_workers * per_worker[res] + r.num_actors * per_actor[res]
+        if need > have.get(res, 0) + 1e-9:
+            raise RuntimeError(f"rl needs {need:g} {res} at once {how} but the Ray cluster has "
+                               f"{have.get(res, 0):g}: lower those (fractions are fine) or add nodes")
+        largest = max((n.get(res, 0) for n in nodes), default=0)
+        for what, amount in (("learner worker", per_worker[res]), ("rollout actor", per_actor[res])):
+            if amount > largest + 1e-9:
+                raise RuntimeError(f"one {what} needs {amount:g} {res} but the largest Ray node has "
+                                   f"{largest:g}: lower it (fractions are fine)")
 
 
 def _before_after(before: dict, after: dict) -> dict:
@@ -66,16 +79,51 @@ def _before_after(before: dict, after: dict) -> dict:
     return out
 
 
+def _fit(spec, pool, prompts, eval_prompts, tokenizer_dir: str, hooks: dict):
+    """Fit the learner: ``scaling.num_workers`` Ray Train workers running
+    :func:`raystages.rl.loop.train_loop`. Returns Ray Train's ``Result``."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raystages.rl.learner import COLLECTIVE_TIMEOUT
+    from raystages.train.runner import QUIET_ENV, extra_callbacks
+
+    s, run_dir = spec.scaling, spec.run_dir()
+    resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
+    trainer = TorchTrainer(
+        _train_loop_entry,
+        train_loop_config={"spec": spec, "pool": pool, "prompts": prompts, "eval_prompts": eval_prompts,
+                           "tokenizer_dir": tokenizer_dir, "run_dir": str(run_dir), "hooks": hooks},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(timeout_s=int(COLLECTIVE_TIMEOUT.total_seconds())),
+        # Same name and storage path: a rerun resumes from the run's last checkpoint.
+        run_config=RunConfig(
+            name=spec.run.name, storage_path=str(run_dir.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=spec.run.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": QUIET_ENV}, callbacks=extra_callbacks()),
+    )
+    return trainer.fit()
+
+
+def _train_loop_entry(config: dict) -> None:
+    from raystages.rl.loop import train_loop
+
+    train_loop(config)
+
+
 def run(spec, hooks: dict | None = None):
+    """Run the stage. ``hooks``: ``{"before_submit": fn(ctx, iteration)}``, called on learner
+    rank 0 inside its Ray Train worker before each batch's rollouts (tests inject faults with
+    it); ``fn`` travels by pickle, so it must not hold locks, open files or the like."""
     from raystages.data.tokenizer import prepare_tokenizer
     from raystages.models import context_length, load_tokenizer
     from raystages.rl.actor import RolloutPool
-    from raystages.rl.learner import LearnerGroup
-    from raystages.rl.loop import Context, encode, train
-    from raystages.rl.sync import WeightSync
+    from raystages.rl.loop import EXPORT_SUBDIR, encode
     from raystages.spec import SpecError
-    from raystages.train.metrics import MetricsLog
-    from raystages.train.runner import EXPORT_DIR, StageResult, connect_ray, save_run_spec, write_lineage
+    from raystages.train.runner import EXPORT_DIR, StageResult, _copy_export, connect_ray, save_run_spec, write_lineage
+    from raystages.train.worker import FINAL_MARKER
 
     started = time.time()
     if not (Path(spec.model.path) / "config.json").is_file():
@@ -101,19 +149,19 @@ def run(spec, hooks: dict | None = None):
     engine_kwargs = {"seed": spec.run.seed, "kv_cache_mb": r.kv_cache_mb} if kind == "vllm" else {"seed": spec.run.seed}
     if kind == "vllm":
         engine_kwargs["max_model_len"] = min(ctx_len, longest + r.max_new_tokens)
+    # Owned by the driver: the actors outlive a learner group that Ray Train restarts.
     pool = RolloutPool(kind, spec.model.path, r.num_actors, engine_kwargs, r.cpus_per_actor,
                        r.gpus_per_actor, r.max_restarts)
-    learner = LearnerGroup(spec)
     try:
-        ctx = Context(spec, tok, pool, learner, WeightSync(learner, pool), prompts, eval_prompts, hooks or {})
-        log = MetricsLog(run_dir, spec.algo.iterations, spec.logging.tensorboard, "tok")
-        result = train(ctx, run_dir, log)
-        log.close()
-        export = run_dir / EXPORT_DIR
-        learner.export(str(export), tokenizer_dir)
+        fit = _fit(spec, pool, prompts, eval_prompts, str(tokenizer_dir), hooks or {})
     finally:
-        learner.shutdown()
         pool.shutdown()
+    if fit.checkpoint is None:
+        raise RuntimeError(f"rl: training ended without a final checkpoint; see {run_dir}")
+    export = run_dir / EXPORT_DIR
+    with fit.checkpoint.as_directory() as d:
+        _copy_export(Path(d) / EXPORT_SUBDIR, export)
+        result = json.loads((Path(d) / FINAL_MARKER).read_text())
     metrics = {"algo": spec.algo.name, "engine": kind, "iterations": result["iterations"],
                "aborted": result["aborted"], "actor_restarts": result["actor_restarts"],
                **_before_after(result["before"], result["after"]),
@@ -121,7 +169,8 @@ def run(spec, hooks: dict | None = None):
     metrics |= {k: v for k, v in result["last"].items() if isinstance(v, (int, float))
                 and k in ("reward", "reward_oracle", "kl_ref", "response_len", "logprob_gap_mean", "sync_bytes_per_s")}
     write_lineage(spec, export, metrics, parent=spec.model.path)
-    summary = {"stage": "rl", "export": str(export), "metrics": metrics, "before": result["before"],
-               "after": result["after"], "history": result["history"], "skipped": skipped[:20]}
+    summary = {"stage": "rl", "export": str(export), "checkpoint": fit.checkpoint.path, "metrics": metrics,
+               "before": result["before"], "after": result["after"], "history": result["history"],
+               "skipped": skipped[:20]}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return StageResult("rl", run_dir, export, metrics)

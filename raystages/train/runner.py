@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,25 @@ EXPORT_DIR = "model"
 # Progress bars from transformers/hub and Ray Data would bury the progress lines.
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
              "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
+
+
+# Ray Train callbacks a caller wants on every trainer this context fits (Ray Tune's
+# TuneReportCallback, from a trial): a stage's `run(spec)` then needs no callback argument.
+_TRAINER_CALLBACKS: ContextVar[tuple] = ContextVar("raystages_trainer_callbacks", default=())
+
+
+@contextmanager
+def trainer_callbacks(callbacks: list):
+    """Attach ``callbacks`` to every TorchTrainer that ``run_training`` fits inside the block."""
+    token = _TRAINER_CALLBACKS.set((*_TRAINER_CALLBACKS.get(), *callbacks))
+    try:
+        yield
+    finally:
+        _TRAINER_CALLBACKS.reset(token)
+
+
+def extra_callbacks() -> list:
+    return list(_TRAINER_CALLBACKS.get())
 
 
 @dataclass
@@ -72,7 +93,7 @@ def run_training(spec, stage, datasets: dict, tokenizer_dir: str) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=spec.run.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": QUIET_ENV}),
+            worker_runtime_env={"env_vars": QUIET_ENV}, callbacks=extra_callbacks()),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all"),
     )

@@ -1,0 +1,182 @@
+"""Stage 2 — supervised fine-tuning: a checkpoint learns to answer, loss on its answers only.
+
+    raystages sft jobs/sft.yaml [model.path=runs/pretrain/model optim.max_steps=300 ...]
+
+Rows (conversations, prompt/completion or instruction rows; the built-in task's chat split
+by default) are rendered with the tokenizer's chat template and labelled so that only
+assistant tokens, each turn's ``<|end|>`` included, carry loss. Examples are padded one
+per row, or packed several per block (``sft.packing``) without attention between them.
+Ray Train + DeepSpeed fine-tune all weights or LoRA adapters (``sft.lora``, merged into
+the export). On the built-in task the driver then answers held-out prompts greedily with
+both the parent checkpoint and the export and reports exact-match accuracy of each.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from raystages.stages.losses import IGNORE, masked_token_ce
+from raystages.train.stage import Stage
+
+
+class SftStage(Stage):
+    name = "sft"
+    throughput_unit = "sup-tok"  # supervised (answer) tokens
+
+    def build_model(self, spec, tokenizer):
+        from raystages.models import build_causal_lm
+
+        model = build_causal_lm(spec.model, tokenizer, spec.run.seed)
+        lora = spec.sft.lora
+        if lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+        return model
+
+    def count(self, batch):
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def loss(self, model, batch, normalizer=None):
+        """Mean cross-entropy per supervised token; ``normalizer`` (from the runner) makes
+        it exact over the whole optimizer step instead of this micro-batch."""
+        kwargs = {}
+        if "attention_mask" in batch:
+            # Padded rows: drop the columns that are padding in every row of the batch.
+            width = int(batch["attention_mask"].sum(1).max())
+            batch = {k: v[:, :width] for k, v in batch.items()}
+            kwargs["attention_mask"] = batch["attention_mask"]
+        else:
+            kwargs["position_ids"] = batch["position_ids"]  # packed: restarts mark examples
+        logits = model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
+        return masked_token_ce(logits, batch["labels"], normalizer), self.count(batch)
+
+    def export(self, model, tokenizer, out_dir):
+        from raystages.models import export_hf
+
+        if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
+            model = model.merge_and_unload()
+        export_hf(model, tokenizer, out_dir)
+
+
+def check_parent(spec) -> str:
+    """``model.path`` as given, or SpecError before anything starts when it is missing."""
+    import re
+
+    from raystages.spec import SpecError
+
+    path = spec.model.path
+    if not Path(path).expanduser().exists() and not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", path):
+        raise SpecError(f"model.path {path!r} does not exist: run the previous stage first "
+                        "(e.g. `raystages pretrain jobs/pretrain.yaml`) or point model.path at a checkpoint")
+    return path
+
+
+def ray_dataset(arrays: dict, seed: int | None):
+    """A materialised Ray Dataset of the rows of ``arrays`` (shuffled with ``seed``)."""
+    import numpy as np
+    import ray.data
+
+    n = len(next(iter(arrays.values())))
+    order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)
+    return ray.data.from_items([{k: v[i] for k, v in arrays.items()} for i in order]).materialize()
+
+
+def check_sizes(spec, n_train: int, n_val: int, what: str) -> None:
+    from raystages.data.sources import DataError
+
+    need = spec.scaling.num_workers * spec.optim.micro_batch_size
+    if n_train < need:
+        raise DataError(f"data.source: {n_train} training {what}; each of {spec.scaling.num_workers} workers "
+                        f"needs a micro-batch of {spec.optim.micro_batch_size}: add data or lower optim.micro_batch_size")
+    if n_val < spec.scaling.num_workers:
+        raise DataError(f"held-out data: {n_val} {what}, fewer than scaling.num_workers; add data or raise data.val_fraction")
+
+
+def greedy_chat_answers(checkpoint: str, tokenizer_dir: str, prompts: list[str],
+                        max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy answers to ``prompts``, each sent as one user turn; batched with left padding."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raystages.models import end_token_ids, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, use_safetensors=True, dtype=torch.float32).eval()
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                     add_generation_prompt=True) for p in prompts]
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=end_token_ids(tok), pad_token_id=tok.pad_token_id)
+            outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return outs
+
+
+def task_accuracy(checkpoint: str, tokenizer_dir: str, prompts: list[str], max_new_tokens: int):
+    """(exact-match accuracy against the oracle, per-prompt samples) on the built-in task."""
+    from raystages.task import is_correct, reward
+
+    answers = greedy_chat_answers(checkpoint, tokenizer_dir, prompts, max_new_tokens)
+    samples = [{"prompt": p, "completion": a.strip(), "oracle_reward": reward(p, a)}
+               for p, a in zip(prompts, answers)]
+    return sum(is_correct(p, a) for p, a in zip(prompts, answers)) / len(prompts), samples
+
+
+def run(spec) -> "StageResult":
+    from raystages.data.chat import load_split, pack_examples, pad_examples, sft_converter, skip_reasons
+    from raystages.data.tokenizer import prepare_tokenizer
+    from raystages.models import load_tokenizer
+    from raystages.task.splits import sft_rows
+    from raystages.train.runner import (EXPORT_DIR, StageResult, connect_ray, run_training,
+                                        save_run_spec, write_lineage)
+
+    started = time.time()
+    parent = check_parent(spec)
+    save_run_spec(spec)
+    tokenizer_dir = prepare_tokenizer(spec, [])
+    tok = load_tokenizer(tokenizer_dir)
+    convert = sft_converter(spec.sft.fields, tok, spec.optim.seq_len, spec.sft.truncate)
+    train_rows, val_rows, skipped = load_split(spec.data, convert, sft_rows)
+    train = [e for row in train_rows for e in row]
+    val = [e for row in val_rows for e in row]
+    check_sizes(spec, len(train), len(val), "examples")
+    if spec.sft.packing:
+        train_arrays = pack_examples(train, spec.optim.seq_len, tok.pad_token_id)
+        check_sizes(spec, len(train_arrays["input_ids"]), len(val), "packed blocks")
+    else:
+        train_arrays = pad_examples(train, tok.pad_token_id)
+    builtin = spec.data.source == "builtin" and spec.sft.eval_prompts > 0
+    if builtin:
+        b = spec.data.builtin
+        prompts = [r["messages"][0]["content"] for r in sft_rows(
+            "val", spec.sft.eval_prompts, b.seed, min_len=b.min_len, max_len=b.max_len)]
+        acc_before, _ = task_accuracy(parent, tokenizer_dir, prompts, spec.sft.max_new_tokens)
+
+    connect_ray()
+    datasets = {"train": ray_dataset(train_arrays, spec.run.seed),
+                "val": ray_dataset(pad_examples(val, tok.pad_token_id), None)}
+    metrics = run_training(spec, SftStage(), datasets, tokenizer_dir)
+    export = spec.run_dir() / EXPORT_DIR
+    metrics.update(train_examples=len(train), val_examples=len(val), skipped_rows=len(skipped),
+                   skipped_by_reason=skip_reasons(skipped),
+                   train_tokens=sum(len(e["input_ids"]) for e in train),
+                   train_supervised_tokens=sum(sum(t != IGNORE for t in e["labels"][1:]) for e in train))
+    samples = []
+    if builtin:
+        acc_after, samples = task_accuracy(str(export), tokenizer_dir, prompts, spec.sft.max_new_tokens)
+        metrics.update(accuracy_before=acc_before, accuracy_after=acc_after, eval_prompts=len(prompts))
+    metrics["wall_s"] = round(time.time() - started, 1)
+    write_lineage(spec, export, metrics, parent=parent)
+    samples = samples[: spec.run.samples]
+    summary = {"stage": "sft", "export": str(export), "parent": parent, "metrics": metrics,
+               "skipped": skipped[:20], "samples": samples}
+    (spec.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return StageResult("sft", spec.run_dir(), export, metrics | {"samples": samples})
