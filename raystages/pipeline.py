@@ -27,7 +27,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raystages.spec import SpecError, StageSpec, apply_overrides, parse_spec, read_yaml_mapping
+from raystages.spec import (SpecError, StageSpec, apply_overrides, parse_spec, read_yaml_mapping,
+                            validation_lines)
 
 ORDER = ("pretrain", "sft", "rm", "rl")
 PARENT = {"sft": "pretrain", "rm": "sft", "rl": "sft"}
@@ -105,9 +106,7 @@ def load_pipeline(path, overrides=()) -> PipelineSpec:
     try:
         pipe = PipelineSpec.model_validate(raw)
     except ValidationError as e:
-        lines = [f"  {'.'.join(str(x) for x in err['loc']) or '(spec)'}: {err['msg'].removeprefix('Value error, ')}"
-                 for err in e.errors()]
-        raise SpecError(f"{p}: invalid pipeline spec\n" + "\n".join(lines)) from None
+        raise SpecError(f"{p}: invalid pipeline spec\n" + validation_lines(e)) from None
     for stage in pipe.stages:
         ckpt = pipe.checkpoint_of(stage)
         if ckpt is not None:

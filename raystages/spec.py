@@ -200,6 +200,18 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def validation_lines(error: ValidationError, prefix: str = "") -> str:
+    """One ``  field.path: what is wrong (got value)`` line per pydantic error, fields
+    named from ``prefix`` (e.g. ``tune.``), for SpecError messages."""
+    lines = []
+    for err in error.errors():
+        loc = (prefix + ".".join(str(p) for p in err["loc"])).rstrip(".") or "(spec)"
+        msg = err["msg"].removeprefix("Value error, ")
+        shown = err["type"] != "missing" and not isinstance(err.get("input"), dict)
+        lines.append(f"  {loc}: {msg}" + (f" (got {err['input']!r})" if shown else ""))
+    return "\n".join(lines)
+
+
 def parse_spec(raw: dict, stage: str | None = None, source: str = "<spec>") -> StageSpec:
     stage = stage or raw.get("stage")
     if stage not in SPECS:
@@ -208,12 +220,7 @@ def parse_spec(raw: dict, stage: str | None = None, source: str = "<spec>") -> S
     try:
         return SPECS[stage].model_validate(raw)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(spec)"
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err.get("input"), dict) else ""))
-        raise SpecError(f"{source}: invalid {stage} spec\n" + "\n".join(lines)) from None
+        raise SpecError(f"{source}: invalid {stage} spec\n" + validation_lines(e)) from None
 
 
 def read_yaml_mapping(path: str | Path) -> dict:

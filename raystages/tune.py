@@ -24,7 +24,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from raystages.spec import SpecError, StageSpec, apply_overrides, parse_spec, read_yaml_mapping
+from raystages.spec import (SpecError, StageSpec, apply_overrides, parse_spec, read_yaml_mapping,
+                            validation_lines)
 from raystages.tune_spec import TuneSpec
 
 
@@ -71,9 +72,7 @@ def load_tune(path, overrides=(), stage: str | None = None) -> tuple[StageSpec, 
     try:
         tune = TuneSpec.model_validate(tune_raw)
     except ValidationError as e:
-        lines = [f"  tune.{'.'.join(str(x) for x in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
-                 for err in e.errors()]
-        raise SpecError(f"{p}: invalid tune block\n" + "\n".join(lines)) from None
+        raise SpecError(f"{p}: invalid tune block\n" + validation_lines(e, "tune.")) from None
     base = spec.model_dump(mode="json")
     for key in tune.search_space:
         for value in tune.candidates(key):

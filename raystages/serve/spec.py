@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from raystages.spec import Section, SpecError, apply_overrides, read_yaml_mapping
+from raystages.spec import Section, SpecError, apply_overrides, read_yaml_mapping, validation_lines
 
 MODEL_NAME = r"^[A-Za-z0-9_.:-]+$"
 
@@ -92,8 +92,4 @@ def load_serve_spec(path: str | Path | None, overrides: list[str] = ()) -> Serve
     try:
         return ServeSpec.model_validate(raw)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = "serve." + ".".join(str(x) for x in err["loc"]) if err["loc"] else "serve"
-            lines.append(f"  {loc}: {err['msg'].removeprefix('Value error, ')}")
-        raise SpecError(f"{source}: invalid serve spec\n" + "\n".join(lines)) from None
+        raise SpecError(f"{source}: invalid serve spec\n" + validation_lines(e, "serve.")) from None

@@ -82,27 +82,18 @@ def _before_after(before: dict, after: dict) -> dict:
 def _fit(spec, pool, prompts, eval_prompts, tokenizer_dir: str, hooks: dict):
     """Fit the learner: ``scaling.num_workers`` Ray Train workers running
     :func:`raystages.rl.loop.train_loop`. Returns Ray Train's ``Result``."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raystages.rl.learner import COLLECTIVE_TIMEOUT
-    from raystages.train.runner import QUIET_ENV, extra_callbacks
+    from raystages.train.runner import run_config, scaling_config
 
-    s, run_dir = spec.scaling, spec.run_dir()
-    resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
     trainer = TorchTrainer(
         _train_loop_entry,
         train_loop_config={"spec": spec, "pool": pool, "prompts": prompts, "eval_prompts": eval_prompts,
-                           "tokenizer_dir": tokenizer_dir, "run_dir": str(run_dir), "hooks": hooks},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+                           "tokenizer_dir": tokenizer_dir, "run_dir": str(spec.run_dir()), "hooks": hooks},
+        scaling_config=scaling_config(spec),
         torch_config=TorchConfig(timeout_s=int(COLLECTIVE_TIMEOUT.total_seconds())),
-        # Same name and storage path: a rerun resumes from the run's last checkpoint.
-        run_config=RunConfig(
-            name=spec.run.name, storage_path=str(run_dir.parent),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=spec.run.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": QUIET_ENV}, callbacks=extra_callbacks()),
+        run_config=run_config(spec),  # same name and storage path: a rerun resumes
     )
     return trainer.fit()
 

@@ -67,33 +67,45 @@ def connect_ray() -> None:
     ctx.execution_options.preserve_order = True
 
 
+def scaling_config(spec):
+    """Ray Train's ScalingConfig from ``spec.scaling``: one worker per data-parallel rank."""
+    from ray.train import ScalingConfig
+
+    s = spec.scaling
+    resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
+    return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
+
+
+def run_config(spec):
+    """Ray Train's RunConfig for a stage run: ``storage_path/name`` is the run dir, so a
+    rerun of the same name resumes; ``run.keep_checkpoints`` kept, ``run.max_failures``
+    group restarts, and the callbacks of any enclosing :func:`trainer_callbacks`."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+
+    return RunConfig(
+        name=spec.run.name, storage_path=str(spec.run_dir().parent),
+        checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
+        failure_config=FailureConfig(max_failures=spec.run.max_failures),
+        logging_config=LoggingConfig(log_level="WARNING"),
+        worker_runtime_env={"env_vars": QUIET_ENV}, callbacks=extra_callbacks())
+
+
 def run_training(spec, stage, datasets: dict, tokenizer_dir: str) -> dict:
     """Fit ``stage`` on ``datasets`` (``train`` and ``val``) and return the final metrics.
 
     Rerunning with the same ``run.storage_path``/``run.name`` resumes from the latest
     checkpoint Ray Train registered (Train V2 resumes by run identity).
     """
-    from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
-                           ScalingConfig)
+    from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
     run_dir = spec.run_dir()
-    s = spec.scaling
-    resources = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = s.gpus_per_worker
     trainer = TorchTrainer(
         _train_loop_entry,
         train_loop_config={"spec": spec, "stage": stage, "run_dir": str(run_dir),
                            "tokenizer_dir": tokenizer_dir},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=spec.run.name, storage_path=str(run_dir.parent),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=spec.run.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": QUIET_ENV}, callbacks=extra_callbacks()),
+        scaling_config=scaling_config(spec),
+        run_config=run_config(spec),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all"),
     )
