@@ -100,7 +100,9 @@ def _fit(spec, pool, prompts, eval_prompts, tokenizer_dir: str, hooks: dict):
 
 def _train_loop_entry(config: dict) -> None:
     from raystages.rl.loop import train_loop
+    from raystages.train.runner import quiet_worker_logs
 
+    quiet_worker_logs()
     train_loop(config)
 
 

@@ -117,9 +117,20 @@ def run_training(spec, stage, datasets: dict, tokenizer_dir: str) -> dict:
         return json.loads((Path(d) / "final.json").read_text())
 
 
+def quiet_worker_logs() -> None:
+    """Silence Train V2's per-report INFO line (a full metrics dict on every rank, every
+    report). Its logger is named by file path, so ``LoggingConfig(log_level=...)`` misses it."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _train_loop_entry(config: dict) -> None:
     from raystages.train.worker import train_loop
 
+    quiet_worker_logs()
     train_loop(config)
 
 
