@@ -21,7 +21,7 @@ def sft_result(pretrained_checkpoint, runs_dir):
 
     spec = load_spec(ROOT / "jobs" / "sft.yaml", [
         f"run.storage_path={runs_dir}", "run.name=test-sft", f"model.path={pretrained_checkpoint}",
-        *TASK, "logging.log_every=50", "run.eval_every=100", "run.checkpoint_every=1000"])
+        *TASK, "logging.log_every=100", "run.eval_every=500", "run.checkpoint_every=1000"])
     return sft.run(spec)
 
 
@@ -31,7 +31,7 @@ def rm_result(sft_result, runs_dir):
 
     spec = load_spec(ROOT / "jobs" / "rm.yaml", [
         f"run.storage_path={runs_dir}", "run.name=test-rm", f"model.path={sft_result.export_dir}",
-        *TASK, "logging.log_every=50", "run.eval_every=100", "run.checkpoint_every=1000"])
+        *TASK, "logging.log_every=100", "run.eval_every=500", "run.checkpoint_every=1000"])
     return rm.run(spec)
 
 
@@ -63,10 +63,11 @@ def test_reward_model_agrees_with_the_oracle_on_held_out_pairs(rm_result, sft_re
     from raystages.task.splits import preference_rows
 
     m = rm_result.metrics
-    # Chance is 0.5. A ~0.9M-parameter RM plateaus near 0.83 here (0.89 on right-vs-wrong
-    # pairs, 0.65 on the pairs where both answers are wrong and the closer one wins).
+    # Chance is 0.5. With 4000 pairs over 3 epochs this ~0.9M-parameter RM overfit at ~0.83
+    # (0.89 on right-vs-wrong pairs, 0.65 where both are wrong and the closer one wins);
+    # jobs/rm.yaml's one epoch over 32000 pairs reaches ~0.9.
     print(f"RM held-out pair accuracy {m['pair_accuracy']:.3f}")
-    assert m["pair_accuracy"] >= 0.8, m
+    assert m["pair_accuracy"] >= 0.85, m
     assert m["val_pairs"] == 200 and m["skipped_rows"] == 0
     stats = json.loads((rm_result.export_dir / "reward_stats.json").read_text())
     assert stats["pair_accuracy"] == m["pair_accuracy"] and stats["reward_std"] > 0
