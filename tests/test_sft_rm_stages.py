@@ -21,7 +21,7 @@ def sft_result(pretrained_checkpoint, runs_dir):
 
     spec = load_spec(ROOT / "jobs" / "sft.yaml", [
         f"run.storage_path={runs_dir}", "run.name=test-sft", f"model.path={pretrained_checkpoint}",
-        *TASK, "logging.log_every=100", "run.eval_every=500", "run.checkpoint_every=1000"])
+        *TASK, "logging.log_every=50", "run.eval_every=100", "run.checkpoint_every=1000"])
     return sft.run(spec)
 
 
