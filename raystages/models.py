@@ -40,13 +40,20 @@ SPECIAL_TOKENS = {
     "extra": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
 }
 END_OF_TURN = "<|end|>"
-# Each turn is "<|role|>\ncontent<|end|>\n"; the assistant's "<|end|>" is supervised so the
-# model learns to stop, and generation treats it as an end-of-sequence token.
+# A turn is "<|role|>\ncontent<|end|>\n", except that the assistant's reply follows its header
+# after a space (as in Llama-2's `[/INST] reply`): byte-level BPE then starts the reply with
+# the space-prefixed tokens running text uses (" a", where a bare "a" starts no corpus line
+# and stays untrained). The assistant's "<|end|>" is supervised so the model learns to stop,
+# and generation treats it as an end-of-sequence token.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|assistant|> {{ message['content'] | trim }}<|end|>\n"
+    "{% else %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 

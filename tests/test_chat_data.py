@@ -44,15 +44,16 @@ def test_label_mask_token_by_token_on_a_multi_turn_conversation(tok):
     supervised = [p for p, on in pieces if on]
     # Exactly the two answers and the "<|end|>" closing each; never the newline after it,
     # the role headers, the system or user turns.
-    assert supervised == ["a", " b", "<|end|>", "c", " a", "<|end|>"]
+    assert supervised == [" a", " b", "<|end|>", " c", " a", "<|end|>"]
     text = "".join(p for p, _ in pieces)
     assert text == tok.apply_chat_template(conv, tokenize=False)
     for (piece, on), lab, i in zip(pieces, labels, ids):
         assert lab == (i if on else IGNORE)
-    # The supervised tokens sit right after each "<|assistant|>\n" header.
+    # Supervision starts right after each "<|assistant|>" header, with the reply's
+    # space-prefixed first token (the template sets the reply off with a space).
     heads = [k for k, (p, _) in enumerate(pieces) if p == "<|assistant|>"]
-    assert [pieces[k + 2][1] for k in heads] == [True, True]
-    assert [pieces[k + 1][1] for k in heads] == [False, False]
+    assert [pieces[k][1] for k in heads] == [False, False]
+    assert [pieces[k + 1] for k in heads] == [(" a", True), (" c", True)]
 
 
 def test_the_three_schemas_and_configurable_field_names(tok):
@@ -215,7 +216,7 @@ def test_real_hh_rlhf_pairs_through_the_public_data_path():
     first = train[0]
     assert first["chosen_ids"] != first["rejected_ids"]
     text = tok.decode(first["chosen_ids"])
-    assert text.startswith("<|user|>\nwhat are some pranks with a pen") and "<|assistant|>\n" in text
+    assert text.startswith("<|user|>\nwhat are some pranks with a pen") and "<|assistant|> " in text
     assert parse_hh("plain text") is None
 
 
@@ -228,8 +229,8 @@ def test_real_alpaca_seed_tasks_through_the_public_data_path():
     spec = DataSpec(source=str(path), on_bad_row="skip", val_fraction=0.1)
     train, val, skipped = load_split(spec, sft_converter(FIELDS, tok, 512, truncate=False), None)
     assert len(train) + len(val) + len(skipped) == len(rows) == 175
-    assert 1 <= len(skipped) <= 5 and set(skip_reasons(skipped)) == {"too long"}  # line 63: 1,296 tokens
-    assert any("seed_tasks.jsonl:line 63: too long: 1296 tokens" in s for s in skipped)
+    assert 1 <= len(skipped) <= 5 and set(skip_reasons(skipped)) == {"too long"}  # line 63: 1,295 tokens
+    assert any("seed_tasks.jsonl:line 63: too long: 1295 tokens" in s for s in skipped)
     train, val, skipped = load_split(spec, sft_converter(FIELDS, tok, 512, truncate=True), None)
     # Cut to 512 tokens, most long rows keep part of their answer; line 63's answer starts
     # after token 512, and an example left with nothing to learn is skipped, not kept.
@@ -240,6 +241,6 @@ def test_real_alpaca_seed_tasks_through_the_public_data_path():
     assert max(len(e["input_ids"]) for e in examples) == 512
     first = examples[0]
     answer = tok.decode([t for t in first["labels"] if t != IGNORE])
-    assert answer == rows[0]["instances"][0]["output"] + "<|end|>"
+    assert answer == " " + rows[0]["instances"][0]["output"] + "<|end|>"  # the template's space
     prompt = tok.decode([t for t, lab in zip(first["input_ids"], first["labels"]) if lab == IGNORE])
     assert rows[0]["instruction"] in prompt

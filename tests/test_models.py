@@ -28,7 +28,7 @@ def test_tokenizer_training_is_deterministic_and_keeps_letters_whole(tmp_path):
     reloaded = load_tokenizer(str(tmp_path / "a"))
     chat = reloaded.apply_chat_template(
         [{"role": "user", "content": "sort: b a"}, {"role": "assistant", "content": "a b"}], tokenize=False)
-    assert chat == "<|user|>\nsort: b a<|end|>\n<|assistant|>\na b<|end|>\n"
+    assert chat == "<|user|>\nsort: b a<|end|>\n<|assistant|> a b<|end|>\n"
     assert reloaded.convert_ids_to_tokens(end_token_ids(reloaded)) == ["<|endoftext|>", "<|end|>"]
 
 

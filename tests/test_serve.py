@@ -191,7 +191,7 @@ def test_score_equals_transformers(app, reward_checkpoint):
     responses = ["cba", "xyz", "a much longer reply than the others", [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
     assert tok.apply_chat_template(scoring_messages(prompt, "cba"), tokenize=False) == \
-        "<|user|>\nabc<|end|>\n<|assistant|>\ncba<|end|>\n"
+        "<|user|>\nabc<|end|>\n<|assistant|> cba<|end|>\n"
     texts = [tok.apply_chat_template(scoring_messages(prompt, r), tokenize=False) for r in responses]
     want = transformers_scores(reward_checkpoint, texts)
     r = post(app[0], "score", {"model": "reward", "prompt": prompt, "responses": responses}, HDR)

@@ -127,7 +127,11 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
             continue
         upto = render(tokenizer, messages[: i + 1])
         if i == 0:
-            start = upto.find(m["content"])
+            start = upto.find(m["content"].strip())
+            # A template may set the reply off with spaces (ours does); byte-level BPE glues
+            # them to the first word, so they belong to the reply's first token.
+            while start > 0 and upto[start - 1] == " ":
+                start -= 1
         else:
             start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
         if not full.startswith(upto) or start < 0:
