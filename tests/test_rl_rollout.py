@@ -33,7 +33,12 @@ def _hf_logprobs(model, prompt, response, temperature=1.0):
 
 
 def _perturbed(checkpoint, seed=1, scale=0.5):
-    """The checkpoint's model with seeded noise on every weight: new weights to sync."""
+    """The checkpoint's model with seeded noise on every weight and the final norm's sign
+    flipped: new weights to sync.
+
+    An untrained model with tied embeddings greedily repeats its last input token (here the
+    chat template's ``<|assistant|>``) however its weights are jittered; the flipped norm
+    reverses the ranking of every logit, so greedy output must change with these weights."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
@@ -41,6 +46,7 @@ def _perturbed(checkpoint, seed=1, scale=0.5):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp(min=1e-3))
+        model.model.norm.weight.neg_()
     return model
 
 
