@@ -110,7 +110,7 @@ def test_lora_packing_and_skipped_rows_from_a_file(ray_session, runs_dir, random
         f"run.storage_path={runs_dir}", "run.name=test-sft-lora", f"model.path={random_checkpoint}",
         f"data.source={data}", "data.on_bad_row=skip", "data.val_fraction=0.1",
         "sft.packing=true", "sft.lora.enabled=true", "sft.lora.r=4", "optim.seq_len=64",
-        "optim.micro_batch_size=4", "optim.max_steps=40", "optim.lr=1e-2", "run.eval_every=40",
+        "optim.micro_batch_size=4", "optim.max_steps=60", "optim.lr=1e-2", "run.eval_every=60",
         "run.checkpoint_every=1000", "logging.log_every=10"])
     result = sft.run(spec)
     m = result.metrics
