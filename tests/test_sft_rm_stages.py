@@ -65,9 +65,10 @@ def test_reward_model_agrees_with_the_oracle_on_held_out_pairs(rm_result, sft_re
     m = rm_result.metrics
     # Chance is 0.5. With 4000 pairs over 3 epochs this ~0.9M-parameter RM overfit at ~0.83
     # (0.89 on right-vs-wrong pairs, 0.65 where both are wrong and the closer one wins);
-    # jobs/rm.yaml's one epoch over 32000 pairs reaches ~0.9.
+    # jobs/rm.yaml's one epoch over 32000 pairs gave 0.910 in two runs of this fixture
+    # (fixed seeds); the bar is the issue's: agreement with the oracle on >= 90% of pairs.
     print(f"RM held-out pair accuracy {m['pair_accuracy']:.3f}")
-    assert m["pair_accuracy"] >= 0.85, m
+    assert m["pair_accuracy"] >= 0.90, m
     assert m["val_pairs"] == 200 and m["skipped_rows"] == 0
     stats = json.loads((rm_result.export_dir / "reward_stats.json").read_text())
     assert stats["pair_accuracy"] == m["pair_accuracy"] and stats["reward_std"] > 0
