@@ -282,6 +282,19 @@ def test_reward_model_with_another_tokenizer_needs_retokenize(tmp_path, random_c
     parse_spec({**raw, "reward": {"sources": [{"kind": "model", "ref": str(random_checkpoint)}]}})
 
 
+def test_bench_rl_spec_parses_with_its_options(tmp_path, random_checkpoint):
+    """CI never runs ``raystages bench rl``; its PPO spec must still track the rl spec."""
+    from raystages.bench.rl import _options, ppo_spec
+
+    o = _options(["batch=32", "off_policy=true", "num_workers=1"])
+    spec = ppo_spec(random_checkpoint, random_checkpoint, tmp_path, o)
+    a = spec.algo
+    assert (a.name, a.prompts_per_iteration, a.mini_batch_size, a.one_step_off_policy) == ("ppo", 32, 32, True)
+    assert spec.critic.init == "reward_model" and spec.scaling.num_workers == 1
+    with pytest.raises(ValueError, match="unknown option 'bogus'"):
+        _options(["bogus=1"])
+
+
 def test_cli_exits_2_before_ray_for_a_bad_rl_spec(tmp_path, capsys):
     from raystages import cli
 

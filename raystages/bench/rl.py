@@ -1,6 +1,7 @@
 """``raystages bench rl``: the RL stage's three figures on one model, batch and length.
 
     raystages bench rl [preset=tiny batch=64 max_new_tokens=32 iterations=5 ppo_epochs=2 trl=true]
+                       [off_policy=false: true times our one-step-off-policy mode instead]
 
 (a) rollout tokens/s, vLLM engine vs the transformers engine (same actor pool, same prompts);
 (b) weight-sync bytes/s (learner -> rollout actor through the object store, measured inside
@@ -23,7 +24,8 @@ import time
 from pathlib import Path
 
 DEFAULTS = {"preset": "tiny", "batch": 64, "max_new_tokens": 32, "iterations": 5, "ppo_epochs": 2,
-            "micro_batch_size": 16, "num_workers": 2, "trl": True, "trl_threads": 1, "trl_venv": "~/.cache/raystages/trl-1.12.0"}
+            "micro_batch_size": 16, "num_workers": 2, "off_policy": False,
+            "trl": True, "trl_threads": 1, "trl_venv": "~/.cache/raystages/trl-1.12.0"}
 TRL_PIN = "trl==1.12.0"
 
 
@@ -83,28 +85,39 @@ def bench_engines(policy: Path, batch: int, max_new_tokens: int) -> dict:
     return out
 
 
-def bench_ppo(policy: Path, rm: Path, work: Path, o: dict) -> dict:
+def ppo_spec(policy: Path, rm: Path, work: Path, o: dict):
+    """The RL spec the bench times: PPO with a critic from the reward model, one mini-batch
+    per epoch (as TRL's ``num_mini_batches=1``), the bench's batch, lengths and workers."""
     import raystages.rl.spec  # noqa: F401  (registers the rl spec)
-    from raystages.rl.sync import memcpy_bytes_per_s
     from raystages.spec import parse_spec
-    from raystages.stages import rl
 
-    spec = parse_spec({
+    return parse_spec({
         "stage": "rl", "model": {"path": str(policy)},
         "optim": {"lr": 1e-4, "micro_batch_size": o["micro_batch_size"]},
         "algo": {"name": "ppo", "iterations": o["iterations"], "prompts_per_iteration": o["batch"], "group_size": 1,
-                 "mini_batch_size": o["batch"], "ppo_epochs": o["ppo_epochs"]},
+                 "mini_batch_size": o["batch"], "ppo_epochs": o["ppo_epochs"],
+                 "one_step_off_policy": o["off_policy"]},
         "rollout": {"max_new_tokens": o["max_new_tokens"], "eval_prompts": 0, "cpus_per_actor": 0.5},
         "reward": {"sources": [{"kind": "model", "ref": str(rm)}]}, "critic": {"init": "reward_model"},
         # Fractional CPUs: learners and the rollout actor must all fit on a 2-core machine.
         "scaling": {"num_workers": o["num_workers"], "cpus_per_worker": 0.5}, "logging": {"tensorboard": False},
         "run": {"name": "bench-rl-ppo", "storage_path": str(work), "checkpoint_every": 10**6}})
-    result = rl.run(spec)
+
+
+def bench_ppo(policy: Path, rm: Path, work: Path, o: dict) -> dict:
+    from raystages.rl.sync import memcpy_bytes_per_s
+    from raystages.stages import rl
+
+    result = rl.run(ppo_spec(policy, rm, work, o))
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     steady = rows[1:] or rows  # the first iteration pays one-off warm-up costs
     sync = statistics.median(r["sync_bytes_per_s"] for r in steady)
     memcpy = memcpy_bytes_per_s(int(rows[0]["sync_bytes"]))
-    return {"ppo_iteration_s": statistics.median(r["iteration_s"] for r in steady),
+    # Where an iteration goes (medians): generation waits on the actors while the learner
+    # ranks idle; compute and update run on every rank; sync is learner -> actor.
+    parts = {f"ppo_{k}": statistics.median(r[k] for r in steady) for k in ("gen_s", "compute_s", "update_s", "sync_s")}
+    return {"ppo_mode": "one-step-off-policy" if o["off_policy"] else "on-policy",
+            "ppo_iteration_s": statistics.median(r["iteration_s"] for r in steady), **parts,
             "sync_bytes": rows[0]["sync_bytes"], "sync_bytes_per_s": sync, "memcpy_bytes_per_s": memcpy,
             "sync_over_memcpy": sync / memcpy}
 

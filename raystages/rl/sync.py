@@ -65,10 +65,10 @@ class WeightSync:
                 "sync_bytes_per_s": nbytes / max(dt, 1e-9)}
 
 
-def memcpy_bytes_per_s(nbytes: int, repeats: int = 5) -> float:
+def memcpy_bytes_per_s(nbytes: int, repeats: int = 20) -> float:
     """Baseline for the bench: a plain in-process copy of ``nbytes`` (best of ``repeats``)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
+    dst = torch.zeros_like(src)  # touched, so no copy pays first-touch page faults
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
