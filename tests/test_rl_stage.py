@@ -291,6 +291,7 @@ def test_bench_rl_spec_parses_with_its_options(tmp_path, random_checkpoint):
     a = spec.algo
     assert (a.name, a.prompts_per_iteration, a.mini_batch_size, a.one_step_off_policy) == ("ppo", 32, 32, True)
     assert spec.critic.init == "reward_model" and spec.scaling.num_workers == 1
+    assert ppo_spec(random_checkpoint, random_checkpoint, tmp_path, o | {"zero_stage": 0}).deepspeed.zero_stage == 0
     with pytest.raises(ValueError, match="unknown option 'bogus'"):
         _options(["bogus=1"])
 

@@ -2,6 +2,7 @@
 
     raystages bench rl [preset=tiny batch=64 max_new_tokens=32 iterations=5 ppo_epochs=2 trl=true]
                        [off_policy=false: true times our one-step-off-policy mode instead]
+                       [zero_stage=N: the learners' ZeRO stage; the spec's default if not given]
 
 (a) rollout tokens/s, vLLM engine vs the transformers engine (same actor pool, same prompts);
 (b) weight-sync bytes/s (learner -> rollout actor through the object store, measured inside
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 DEFAULTS = {"preset": "tiny", "batch": 64, "max_new_tokens": 32, "iterations": 5, "ppo_epochs": 2,
-            "micro_batch_size": 16, "num_workers": 2, "off_policy": False,
+            "micro_batch_size": 16, "num_workers": 2, "off_policy": False, "zero_stage": None,
             "trl": True, "trl_threads": 1, "trl_venv": "~/.cache/raystages/trl-1.12.0"}
 TRL_PIN = "trl==1.12.0"
 
@@ -101,7 +102,8 @@ def ppo_spec(policy: Path, rm: Path, work: Path, o: dict):
         "reward": {"sources": [{"kind": "model", "ref": str(rm)}]}, "critic": {"init": "reward_model"},
         # Fractional CPUs: learners and the rollout actor must all fit on a 2-core machine.
         "scaling": {"num_workers": o["num_workers"], "cpus_per_worker": 0.5}, "logging": {"tensorboard": False},
-        "run": {"name": "bench-rl-ppo", "storage_path": str(work), "checkpoint_every": 10**6}})
+        "run": {"name": "bench-rl-ppo", "storage_path": str(work), "checkpoint_every": 10**6}}
+        | ({"deepspeed": {"zero_stage": o["zero_stage"]}} if o["zero_stage"] is not None else {}))
 
 
 def bench_ppo(policy: Path, rm: Path, work: Path, o: dict) -> dict:
