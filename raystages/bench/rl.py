@@ -2,7 +2,7 @@
 
     raystages bench rl [preset=tiny batch=64 max_new_tokens=32 iterations=5 ppo_epochs=2 trl=true]
                        [off_policy=false: true times our one-step-off-policy mode instead]
-                       [zero_stage=N: the learners' ZeRO stage; the spec's default if not given]
+                       [zero_stage=2: the learners' ZeRO stage (the spec's default)]
 
 (a) rollout tokens/s, vLLM engine vs the transformers engine (same actor pool, same prompts);
 (b) weight-sync bytes/s (learner -> rollout actor through the object store, measured inside
@@ -24,8 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from raystages.spec import DeepSpeedSpec
+
 DEFAULTS = {"preset": "tiny", "batch": 64, "max_new_tokens": 32, "iterations": 5, "ppo_epochs": 2,
-            "micro_batch_size": 16, "num_workers": 2, "off_policy": False, "zero_stage": None,
+            "micro_batch_size": 16, "num_workers": 2, "off_policy": False,
+            "zero_stage": DeepSpeedSpec.model_fields["zero_stage"].default,
             "trl": True, "trl_threads": 1, "trl_venv": "~/.cache/raystages/trl-1.12.0"}
 TRL_PIN = "trl==1.12.0"
 
@@ -102,8 +105,8 @@ def ppo_spec(policy: Path, rm: Path, work: Path, o: dict):
         "reward": {"sources": [{"kind": "model", "ref": str(rm)}]}, "critic": {"init": "reward_model"},
         # Fractional CPUs: learners and the rollout actor must all fit on a 2-core machine.
         "scaling": {"num_workers": o["num_workers"], "cpus_per_worker": 0.5}, "logging": {"tensorboard": False},
-        "run": {"name": "bench-rl-ppo", "storage_path": str(work), "checkpoint_every": 10**6}}
-        | ({"deepspeed": {"zero_stage": o["zero_stage"]}} if o["zero_stage"] is not None else {}))
+        "deepspeed": {"zero_stage": o["zero_stage"]},
+        "run": {"name": "bench-rl-ppo", "storage_path": str(work), "checkpoint_every": 10**6}})
 
 
 def bench_ppo(policy: Path, rm: Path, work: Path, o: dict) -> dict:
@@ -115,13 +118,12 @@ def bench_ppo(policy: Path, rm: Path, work: Path, o: dict) -> dict:
     steady = rows[1:] or rows  # the first iteration pays one-off warm-up costs
     sync = statistics.median(r["sync_bytes_per_s"] for r in steady)
     memcpy = memcpy_bytes_per_s(int(rows[0]["sync_bytes"]))
-    # Where an iteration goes (medians): generation waits on the actors while the learner
-    # ranks idle; compute and update run on every rank; sync is learner -> actor.
-    parts = {f"ppo_{k}": statistics.median(r[k] for r in steady) for k in ("gen_s", "compute_s", "update_s", "sync_s")}
-    return {"ppo_mode": "one-step-off-policy" if o["off_policy"] else "on-policy",
-            "ppo_iteration_s": statistics.median(r["iteration_s"] for r in steady), **parts,
-            "sync_bytes": rows[0]["sync_bytes"], "sync_bytes_per_s": sync, "memcpy_bytes_per_s": memcpy,
-            "sync_over_memcpy": sync / memcpy}
+    # The iteration and where it goes (medians): generation waits on the actors while the
+    # learner ranks idle; compute and update run on every rank; sync is learner -> actor.
+    times = {f"ppo_{k}": statistics.median(r[k] for r in steady)
+             for k in ("iteration_s", "gen_s", "compute_s", "update_s", "sync_s")}
+    return times | {"sync_bytes": rows[0]["sync_bytes"], "sync_bytes_per_s": sync, "memcpy_bytes_per_s": memcpy,
+                    "sync_over_memcpy": sync / memcpy}
 
 
 def _trl_python(venv: Path) -> tuple[Path | None, str]:
