@@ -10,8 +10,9 @@ import json
 import sys
 
 from raystages.bench import BENCHES
+from raystages.registry import STAGES, stage_module
 
-TRAINING_STAGES = ("pretrain", "sft", "rm", "rl")
+TRAINING_STAGES = tuple(STAGES)
 
 
 def _print_result(result) -> None:
@@ -33,8 +34,7 @@ def _run_stage(args) -> int:
     from raystages.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides, stage=args.command)
-    module = __import__(f"raystages.stages.{args.command}", fromlist=["run"])
-    _print_result(module.run(spec))
+    _print_result(stage_module(args.command).run(spec))
     return 0
 
 
@@ -62,9 +62,10 @@ def _bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raystages", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of a failure")
     sub = p.add_subparsers(dest="command", required=True)
     for stage in TRAINING_STAGES:
-        sp = sub.add_parser(stage, help=f"run the {stage} stage on Ray Train")
+        sp = sub.add_parser(stage, help=STAGES[stage].help)
         sp.add_argument("spec", nargs="?", help="YAML job spec (default: the built-in defaults)")
         sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
         sp.set_defaults(func=_run_stage)
@@ -96,17 +97,54 @@ def _split_spec_arg(args) -> None:
         args.spec = None
 
 
+def _place_extras(parser: argparse.ArgumentParser, args, extra: list[str]) -> None:
+    """Positionals that argparse left over because they came after an option
+    (``submit SPEC --address URL key=value``): ``key=value`` overrides, or serve's sources."""
+    if args.command == "serve":
+        target = args.sources
+    elif isinstance(getattr(args, "overrides", None), list):
+        target = args.overrides
+    else:
+        target = None
+    stray = [a for a in extra if target is None or a.startswith("-")
+             or (args.command != "serve" and "=" not in a)]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        target.extend(extra)
+
+
 def main(argv: list[str] | None = None) -> int:
     from raystages.data.sources import DataError
+    from raystages.jobs import JobsError
     from raystages.spec import SpecError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    _place_extras(parser, args, extra)
     _split_spec_arg(args)
     try:
         return args.func(args)
     except (SpecError, DataError) as e:
         print(f"raystages: {e}", file=sys.stderr)
         return 2
+    except JobsError as e:
+        print(f"raystages: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("raystages: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a failed run: one paragraph, the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"raystages: {args.command} failed: {type(e).__name__}: {_first_lines(str(e))}\n"
+              "  (run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _first_lines(text: str, n: int = 6) -> str:
+    lines = text.strip().splitlines()
+    return "\n".join(lines[:n]) + ("\n  ..." if len(lines) > n else "")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGE_CHOICES = ("pretrain", "sft", "rm", "rl")
+from raystages.registry import STAGES
+
+STAGE_CHOICES = tuple(STAGES)
 
 
 def _env_pairs(items: list[str]) -> dict[str, str]:

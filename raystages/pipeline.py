@@ -30,8 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from raystages.spec import (SpecError, StageSpec, apply_overrides, parse_spec, read_yaml_mapping,
                             validation_lines)
 
-ORDER = ("pretrain", "sft", "rm", "rl")
-PARENT = {"sft": "pretrain", "rm": "sft", "rl": "sft"}
+from raystages.registry import ORDER, STAGES, stage_module
+
+PARENT = {name: s.parent for name, s in STAGES.items() if s.parent}
 
 
 class ReportSpec(BaseModel):
@@ -160,8 +161,7 @@ def run_pipeline(pipe: PipelineSpec, say=print) -> dict:
         say(f"== {stage}: running in {spec.run_dir()}")
         state["stages"][stage] = {"status": "running", "key": key, "export": str(export), "started": time.time()}
         _save(state_path, state)
-        module = __import__(f"raystages.stages.{stage}", fromlist=["run"])
-        result = module.run(spec)
+        result = stage_module(stage).run(spec)
         state["stages"][stage] = {"status": "done", "key": key, "export": str(result.export_dir),
                                   "wall_s": round(time.time() - state["stages"][stage]["started"], 1),
                                   "metrics": _scalars(result.metrics)}

@@ -9,12 +9,25 @@ user would have.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# Real, independently written data (../shared/data beside the checkout); tests that read it
+# skip with a reason where it is absent. RAYSTAGES_SHARED_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("RAYSTAGES_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# The CLI as a user runs it, from whatever interpreter runs the tests (no .venv path).
+CLI = [sys.executable, "-m", "raystages"]
+
+
+def shared_data(*parts: str) -> Path:
+    """A file or folder under the shared data; skips the calling test where it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (the project's shared real-data folder); absent here")
+    return path
 
 
 def pytest_collection_modifyitems(config, items):

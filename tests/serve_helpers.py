@@ -9,14 +9,15 @@ import json
 import socket
 from pathlib import Path
 
-OPENAPI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "openai_openapi" / "openapi.yaml"
 
 
 @functools.lru_cache(maxsize=1)
 def _openapi() -> dict:
     import yaml
 
-    doc = yaml.load(OPENAPI.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    from tests.conftest import shared_data
+
+    doc = yaml.load(shared_data("openai_openapi", "openapi.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     return _honour_nullable(doc)
 
 

@@ -14,7 +14,7 @@ from raystages.data.preference import pad_pairs, pair_of, parse_hh, rm_converter
 from raystages.data.sources import DataError
 from raystages.spec import ChatFieldsSpec, DataSpec, PreferenceFieldsSpec
 from raystages.stages.losses import IGNORE
-from tests.conftest import SHARED_DATA
+from tests.conftest import shared_data
 
 FIELDS = ChatFieldsSpec()
 PAIR_FIELDS = PreferenceFieldsSpec()
@@ -201,8 +201,8 @@ def test_too_long_pairs_are_bad_rows(tok):
 def test_real_hh_rlhf_pairs_through_the_public_data_path():
     from raystages.models import gpt2_tokenizer_from_files
 
-    tok = gpt2_tokenizer_from_files(SHARED_DATA / "gpt2_bpe")
-    path = SHARED_DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"
+    tok = gpt2_tokenizer_from_files(shared_data("gpt2_bpe"))
+    path = shared_data("hh_rlhf", "harmless-base-test.jsonl.gz")
     spec = DataSpec(source=str(path), on_bad_row="skip", val_fraction=0.1)
     train, val, skipped = load_split(spec, rm_converter(PAIR_FIELDS, tok, 512), None)
     with gzip.open(path, "rt") as f:
@@ -223,8 +223,8 @@ def test_real_hh_rlhf_pairs_through_the_public_data_path():
 def test_real_alpaca_seed_tasks_through_the_public_data_path():
     from raystages.models import gpt2_tokenizer_from_files
 
-    tok = gpt2_tokenizer_from_files(SHARED_DATA / "gpt2_bpe")
-    path = SHARED_DATA / "alpaca" / "seed_tasks.jsonl"
+    tok = gpt2_tokenizer_from_files(shared_data("gpt2_bpe"))
+    path = shared_data("alpaca", "seed_tasks.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     spec = DataSpec(source=str(path), on_bad_row="skip", val_fraction=0.1)
     train, val, skipped = load_split(spec, sft_converter(FIELDS, tok, 512, truncate=False), None)

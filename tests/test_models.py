@@ -8,7 +8,7 @@ import torch
 from raystages.models import (CHAT_TEMPLATE, PRESETS, build_causal_lm, context_length, end_token_ids,
                               export_hf, gpt2_tokenizer_from_files, load_tokenizer, train_tokenizer)
 from raystages.spec import ModelSpec
-from tests.conftest import SHARED_DATA
+from tests.conftest import shared_data
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -33,7 +33,7 @@ def test_tokenizer_training_is_deterministic_and_keeps_letters_whole(tmp_path):
 
 
 def test_gpt2_tokenizer_builds_offline_from_shared_files():
-    tok = gpt2_tokenizer_from_files(SHARED_DATA / "gpt2_bpe")
+    tok = gpt2_tokenizer_from_files(shared_data("gpt2_bpe"))
     assert len(tok) == 50257
     assert tok("Hello world")["input_ids"] == [15496, 995]  # GPT-2's published ids
     assert tok.chat_template == CHAT_TEMPLATE

@@ -12,7 +12,7 @@ import yaml
 from raystages.pipeline import chain_key, format_chain, lineage_chain, load_pipeline, run_pipeline
 from raystages.report import write_report
 from raystages.spec import SpecError
-from tests.conftest import ROOT
+from tests.conftest import CLI, ROOT
 
 QUICK = ROOT / "jobs" / "quickstart.yaml"
 NANO_TRAIN = ["model.preset=nano", "optim.seq_len=64", "optim.micro_batch_size=8",
@@ -49,7 +49,7 @@ def test_pipeline_spec_errors_name_the_stage_and_field(tmp_path):
         load_pipeline(tmp_path / "o.yaml")
     with pytest.raises(SpecError, match=r"stages.pretrain.checkpoint: .* is not a checkpoint"):
         load_pipeline(QUICK, [f"stages.pretrain.checkpoint={tmp_path}"])
-    out = subprocess.run([str(ROOT / ".venv/bin/raystages"), "pipeline", str(tmp_path / "p.yaml")],
+    out = subprocess.run([*CLI, "pipeline", str(tmp_path / "p.yaml")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "optim.lrr" in out.stderr and "Traceback" not in out.stderr
 
@@ -79,7 +79,7 @@ def test_pipeline_runs_four_stages_then_a_rerun_skips_them(ray_session, tmp_path
     rm_chain = lineage_chain(root / "rm")
     assert [c["stage"] for c in rm_chain] == ["rm", "sft", "pretrain"]
     assert "└─ sft" in format_chain(chain)
-    cli = subprocess.run([str(ROOT / ".venv/bin/raystages"), "lineage", str(rl_export)], capture_output=True, text=True)
+    cli = subprocess.run([*CLI, "lineage", str(rl_export)], capture_output=True, text=True)
     assert cli.returncode == 0 and "pretrain" in cli.stdout and str(root / "pretrain" / "model") in cli.stdout
 
     report = write_report(pipe, state)

@@ -130,12 +130,12 @@ def test_killed_driver_rerun_resumes_and_ignores_orphan_checkpoints(ray_session,
 
 def test_pretraining_on_real_text_with_the_gpt2_tokenizer(ray_session, runs_dir):
     """tinyshakespeare through the file path, GPT-2's real BPE, ZeRO-1: the loss falls."""
-    from tests.conftest import SHARED_DATA
+    from tests.conftest import shared_data
 
     spec = load_spec(ROOT / "jobs" / "pretrain.yaml", [
         f"run.storage_path={runs_dir}", "run.name=shakespeare", "model.preset=nano",
-        f"data.source={SHARED_DATA / 'tinyshakespeare' / 'input.txt'}", "data.max_rows=600",
-        f"tokenizer.path={SHARED_DATA / 'gpt2_bpe'}", "deepspeed.zero_stage=1",
+        f"data.source={shared_data('tinyshakespeare', 'input.txt')}", "data.max_rows=600",
+        f"tokenizer.path={shared_data('gpt2_bpe')}", "deepspeed.zero_stage=1",
         "optim.max_steps=25", "optim.warmup_steps=5", "optim.seq_len=64", "optim.micro_batch_size=8", "optim.lr=1e-2",
         "run.eval_every=25", "run.checkpoint_every=1000", "logging.log_every=5", "run.samples=1"])
     result = pretrain.run(spec)

@@ -319,5 +319,5 @@ def test_rl_fails_fast_when_learners_and_actors_cannot_all_be_placed(ray_session
     raw = {"stage": "rl", "model": {"path": str(random_checkpoint)}}
     _check_resources(parse_spec({**raw, "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}}))
     too_many = parse_spec({**raw, "scaling": {"num_workers": 4, "cpus_per_worker": 1}})  # 4 + 1 actor > 4 CPUs
-    with pytest.raises(RuntimeError, match=r"rl needs 5 CPU at once .* has 4: lower those"):
+    with pytest.raises(SpecError, match=r"rl needs 5 CPU at once .* has 4: lower those"):
         _check_resources(too_many)

@@ -12,7 +12,7 @@ import yaml
 
 from raystages.spec import SpecError, load_spec
 from raystages.tune import load_tune, run_tune
-from tests.conftest import ROOT
+from tests.conftest import CLI, ROOT
 
 TUNE_NANO = {
     "stage": "pretrain", "model": {"preset": "nano"},
@@ -52,7 +52,7 @@ def test_tune_block_errors_name_the_key(tmp_path):
     bad_kind = {**raw, "tune": {**raw["tune"], "search_space": {"optim.lr": {"uniform": [1e-2, 1e-3]}}}}
     with pytest.raises(SpecError, match="low < high"):
         load_tune(_write(tmp_path, bad_kind))
-    out = subprocess.run([str(ROOT / ".venv/bin/raystages"), "tune", _write(tmp_path, bad_key)],
+    out = subprocess.run([*CLI, "tune", _write(tmp_path, bad_key)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "optim.lrr" in out.stderr and "Traceback" not in out.stderr
     spec, tune = load_tune(ROOT / "jobs/tune-pretrain.yaml")

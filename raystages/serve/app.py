@@ -24,10 +24,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from raystages.registry import STAGES
 from raystages.serve.spec import MODEL_NAME, ServedModelSpec, ServeSpec
 from raystages.spec import SpecError
 
-STAGE_MODEL_IDS = {"rm": "reward", "reward": "reward"}
+STAGE_MODEL_IDS = {name: s.served_as for name, s in STAGES.items()} | {"reward": "reward"}
 # vLLM inside a Ray actor: keep the engine core in-process (its own subprocess would not
 # inherit the actor's resources), and do not pin OpenMP threads to cores other replicas share.
 CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}

@@ -48,6 +48,8 @@ def _check_resources(spec) -> None:
     each actor its CPUs/GPUs; every one of them must also fit on a single node."""
     import ray
 
+    from raystages.spec import SpecError
+
     s, r = spec.scaling, spec.rollout
     per_worker = {"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker if s.use_gpu else 0}
     per_actor = {"CPU": r.cpus_per_actor, "GPU": r.gpus_per_actor}
@@ -58,12 +60,12 @@ def _check_resources(spec) -> None:
     for res in ("CPU", "GPU"):
         need = s.num_workers * per_worker[res] + r.num_actors * per_actor[res]
         if need > have.get(res, 0) + 1e-9:
-            raise RuntimeError(f"rl needs {need:g} {res} at once {how} but the Ray cluster has "
+            raise SpecError(f"rl needs {need:g} {res} at once {how} but the Ray cluster has "
                                f"{have.get(res, 0):g}: lower those (fractions are fine) or add nodes")
         largest = max((n.get(res, 0) for n in nodes), default=0)
         for what, amount in (("learner worker", per_worker[res]), ("rollout actor", per_actor[res])):
             if amount > largest + 1e-9:
-                raise RuntimeError(f"one {what} needs {amount:g} {res} but the largest Ray node has "
+                raise SpecError(f"one {what} needs {amount:g} {res} but the largest Ray node has "
                                    f"{largest:g}: lower it (fractions are fine)")
 
 
