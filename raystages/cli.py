@@ -7,27 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from raystages.bench import BENCHES
 from raystages.registry import STAGES, stage_module
+from raystages.train.console import finished_line
 
 TRAINING_STAGES = tuple(STAGES)
 
 
 def _print_result(result) -> None:
-    m = result.metrics
-    print(f"\n== {result.stage} finished ==")
-    for key in ("step", "loss", "val_loss", "val_ppl", "throughput", "tflops", "mfu",
-                "skipped_rows", "wall_s"):
-        if key in m:
-            v = m[key]
-            print(f"  {key:<14} {v:.4g}" if isinstance(v, float) else f"  {key:<14} {v}")
-    for s in m.get("samples", []):
+    print(finished_line(result.stage, result.metrics, result.export_dir))
+    for s in result.metrics.get("samples", []):
         print(f"  sample: {s['prompt']!r} -> {s['completion']!r}"
               + (f"  (oracle reward {s['oracle_reward']:.2f})" if "oracle_reward" in s else ""))
-    print(f"  checkpoint     {result.export_dir}")
-    print(f"  run dir        {result.run_dir}")
 
 
 def _run_stage(args) -> int:
@@ -63,6 +57,8 @@ def _bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raystages", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show the Python traceback of a failure")
+    p.add_argument("--verbose", action="store_true",
+                   help="stream Ray's, DeepSpeed's and vLLM's own output (default: runs/<name>/logs/)")
     sub = p.add_subparsers(dest="command", required=True)
     for stage in TRAINING_STAGES:
         sp = sub.add_parser(stage, help=STAGES[stage].help)
@@ -114,15 +110,30 @@ def _place_extras(parser: argparse.ArgumentParser, args, extra: list[str]) -> No
         target.extend(extra)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as the CLI reads it: options and ``key=value`` overrides in any order."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    _place_extras(parser, args, extra)
+    _split_spec_arg(args)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from raystages.data.sources import DataError
     from raystages.jobs import JobsError
     from raystages.spec import SpecError
 
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    _place_extras(parser, args, extra)
-    _split_spec_arg(args)
+    args = parse_args(argv)
+    if args.verbose:
+        from raystages.train.console import set_verbose
+
+        set_verbose(True)
+    else:
+        from raystages.train.runner import QUIET_ENV
+
+        # Before transformers and tqdm are imported: tqdm reads TQDM_DISABLE at import.
+        os.environ.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})
     try:
         return args.func(args)
     except (SpecError, DataError) as e:

@@ -134,12 +134,11 @@ def _pipeline(args) -> int:
     from raystages.report import write_report
 
     pipe = load_pipeline(args.spec, args.overrides)  # SpecError -> exit 2
-    state = run_pipeline(pipe, say=lambda line: print(f"[raystages] {line}", flush=True))
+    state = run_pipeline(pipe, say=lambda line: print(f"raystages: {line}", flush=True))
     report = write_report(pipe, state)
-    print(f"\n== pipeline {pipe.name} finished ==")
+    print(f"\npipeline {pipe.name} finished; report: {report}")
     for stage, st in state["stages"].items():
         print(f"  {stage:<9} {st['status']:<8} {st['export']}")
-    print(f"  report    {report}")
     return 0
 
 

@@ -31,6 +31,7 @@ from raystages.spec import (SpecError, StageSpec, apply_overrides, parse_spec, r
                             validation_lines)
 
 from raystages.registry import ORDER, STAGES, stage_module
+from raystages.train.console import finished_line
 
 PARENT = {name: s.parent for name, s in STAGES.items() if s.parent}
 
@@ -145,7 +146,7 @@ def run_pipeline(pipe: PipelineSpec, say=print) -> dict:
         if ckpt is not None:
             keys[stage] = _given_key(ckpt)
             state["stages"][stage] = {"status": "given", "export": str(ckpt), "key": keys[stage]}
-            say(f"== {stage}: using the given checkpoint {ckpt}")
+            say(f"{stage}: using the given checkpoint {ckpt}")
             continue
         spec = pipe.stage_spec(stage)
         keys[stage] = key = chain_key(spec.digest(), parent_key)
@@ -153,12 +154,11 @@ def run_pipeline(pipe: PipelineSpec, say=print) -> dict:
         prev = state["stages"].get(stage, {})
         if prev.get("key") == key and prev.get("status") in ("done", "skipped") and (export / "lineage.json").is_file():
             prev["status"] = "skipped"
-            say(f"== {stage}: up to date ({export}), skipped")
+            say(f"{stage}: up to date ({export}), skipped")
             continue
         if prev.get("key") not in (None, key):
             # The spec or an upstream stage changed: this stage's old run must not resume.
             _archive(spec.run_dir())
-        say(f"== {stage}: running in {spec.run_dir()}")
         state["stages"][stage] = {"status": "running", "key": key, "export": str(export), "started": time.time()}
         _save(state_path, state)
         result = stage_module(stage).run(spec)
@@ -166,6 +166,8 @@ def run_pipeline(pipe: PipelineSpec, say=print) -> dict:
                                   "wall_s": round(time.time() - state["stages"][stage]["started"], 1),
                                   "metrics": _scalars(result.metrics)}
         _save(state_path, state)
+        say(finished_line(stage, {**result.metrics, "wall_s": state["stages"][stage]["wall_s"]},
+                          result.export_dir).removeprefix("raystages: "))
     return state
 
 

@@ -182,22 +182,44 @@ def register(name: str, spec_cls: type[StageSpec]) -> None:
     SPECS[name] = spec_cls
 
 
+def parse_assignment(item: str, what: str = "override") -> tuple[str, Any]:
+    """``key.path=value`` -> ``(key.path, value)``, the value read as a YAML scalar
+    (``1e-3``, ``true``, ``[a, b]``); an empty value is None. SpecError when malformed."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SpecError(f"{what} {item!r}: expected key=value")
+    try:
+        return key, (yaml.safe_load(value) if value != "" else None)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{what} {key!r}: value is not valid YAML: {e}") from None
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """``raw[a][b][c] = value`` for ``key`` ``a.b.c``, creating sections on the way."""
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides:
-        if "=" not in item:
-            raise SpecError(f"override {item!r}: expected key.path=value")
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise SpecError(f"override {key!r}: {part!r} is not a section")
-        try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError as e:
-            raise SpecError(f"override {key!r}: value is not valid YAML: {e}") from None
+        set_dotted(raw, *parse_assignment(item))
     return raw
+
+
+def parse_options(items: list[str], defaults: dict, what: str) -> dict:
+    """Flat ``key=value`` options over ``defaults`` (``raystages bench`` options)."""
+    opts = dict(defaults)
+    for item in items:
+        key, value = parse_assignment(item, what)
+        if key not in opts:
+            raise SpecError(f"{what}: unknown option {key!r}; known: {sorted(opts)}")
+        opts[key] = value
+    return opts
 
 
 def validation_lines(error: ValidationError, prefix: str = "") -> str:

@@ -24,8 +24,9 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from raystages.spec import (SpecError, StageSpec, apply_overrides, parse_spec, read_yaml_mapping,
+from raystages.spec import (SpecError, StageSpec, apply_overrides, parse_spec, read_yaml_mapping, set_dotted,
                             validation_lines)
+from raystages.registry import stage_module
 from raystages.tune_spec import TuneSpec
 
 
@@ -37,13 +38,6 @@ class TuneResult:
     best_spec: Path
     best_checkpoint: Path | None
     table: str
-
-
-def set_dotted(raw: dict, key: str, value) -> None:
-    node = raw
-    for part in key.split(".")[:-1]:
-        node = node.setdefault(part, {})
-    node[key.split(".")[-1]] = value
 
 
 def trial_spec(base: dict, values: dict, stage: str, source: str = "<tune>") -> StageSpec:
@@ -110,7 +104,7 @@ def _trial(config: dict, base: dict, stage: str, trials_dir: str) -> None:
     if spec.stage != "rl" and spec.run.checkpoint_every % spec.run.eval_every:
         # Tune sees the checkpoint reports: evaluate on each so they all carry val_* metrics.
         spec.run.eval_every = spec.run.checkpoint_every
-    module = __import__(f"raystages.stages.{stage}", fromlist=["run"])
+    module = stage_module(stage)
     if stage == "rl":
         # RL runs its own actors (no TorchTrainer to carry the callback): run it in a thread
         # and report its metrics.jsonl from this, the trial's own thread.

@@ -144,8 +144,17 @@ BAD_REQUESTS = [
     ("score empty responses", "score", {"model": "reward", "prompt": "a", "responses": []}, 400, "responses"),
     ("score unknown model", "score", {"model": "nope", "prompt": "a", "responses": ["b"]}, 404, "model"),
     ("score generation model", "score", {"model": "pretrain", "prompt": "a", "responses": ["b"]}, 404, "model"),
+    ("lone surrogate in prompt", "completions", b'{"model": "pretrain", "prompt": "a\\ud800b", "max_tokens": 1}', 400, "prompt"),
+    ("lone surrogate in chat", "chat/completions",
+     b'{"model": "pretrain", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "messages.0.content"),
     ("score response too long", "score", {"model": "reward", "prompt": "a", "responses": [LONG]}, 400, "responses"),
 ]
+
+
+def no_internals(message: str) -> bool:
+    """What a client may see: one short line, no stack trace, colour codes, ids or paths."""
+    return (len(message) <= 400 and "\n" not in message and "\x1b" not in message
+            and not any(w in message for w in ("Traceback", "File \"", "site-packages", "pid=", "ray::", "Actor")))
 
 
 def post(url: str, route: str, body, headers: dict | None = None):

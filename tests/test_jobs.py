@@ -119,7 +119,7 @@ def test_submit_runs_a_stage_to_succeeded_and_leaves_its_checkpoint(head, tmp_pa
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     sid = jobs.plan(str(ROOT / "jobs/pretrain.yaml"), args[1:-2]).submission_id
     assert f"submitted {sid}" in out.stderr and "SUCCEEDED" in out.stderr
-    assert "== pretrain finished ==" in out.stdout  # the job's own log, streamed back
+    assert "raystages: pretrain finished" in out.stdout  # the job's own log, streamed back
     export = tmp_path / "jobs-nano" / "model"
     lineage = json.loads((export / "lineage.json").read_text())
     assert lineage["metrics"]["step"] == 20 and (export / "model.safetensors").is_file()

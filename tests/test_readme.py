@@ -26,3 +26,46 @@ def test_readme_main_command_runs_a_spec_that_validates():
     assert command in readme
     pipe = load_pipeline(ROOT / "jobs" / "quickstart.yaml")
     assert list(pipe.stages) == ["pretrain", "sft", "rm", "rl"]
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every ``raystages ...`` command in the README's bash blocks, as argv after the program."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        pending = ""
+        for line in block.replace("\\\n", " ").splitlines():
+            try:  # a quoted argument may span lines (curl -d '{...}')
+                tokens = shlex.split(pending + line, comments=True)
+            except ValueError:
+                pending += line + "\n"
+                continue
+            pending = ""
+            parts, current = [], []
+            for tok in tokens:
+                if tok in ("&&", ";", "||"):
+                    parts.append(current)
+                    current = []
+                else:
+                    current.append(tok)
+            for words in [*parts, current]:
+                while words and "=" in words[0] and not words[0].startswith("-"):
+                    words.pop(0)  # leading VAR=value environment assignments
+                if words and words[0].split("/")[-1] == "raystages":
+                    commands.append(words[1:])
+    return commands
+
+
+def test_every_readme_command_line_parses_as_shown():
+    from raystages.cli import parse_args
+
+    commands = _readme_commands()
+    assert len(commands) > 20 and ["pipeline", "jobs/quickstart.yaml"] in commands
+    for argv in commands:
+        args = parse_args(argv)
+        assert args.command == argv[0], argv
+    submit = parse_args(["submit", "jobs/quickstart.yaml", "--address", "http://HEAD:8265", "storage_path=/data/runs"])
+    assert submit.overrides == ["storage_path=/data/runs"] and submit.address == "http://HEAD:8265"

@@ -314,10 +314,10 @@ def test_reward_stats_reads_the_rm_stage_keys_and_old_files():
 
 def test_rl_fails_fast_when_learners_and_actors_cannot_all_be_placed(ray_session, random_checkpoint):
     from raystages.spec import parse_spec
-    from raystages.stages.rl import _check_resources
+    from raystages.resources import check_cluster
 
     raw = {"stage": "rl", "model": {"path": str(random_checkpoint)}}
-    _check_resources(parse_spec({**raw, "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}}))
+    check_cluster(parse_spec({**raw, "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}}))
     too_many = parse_spec({**raw, "scaling": {"num_workers": 4, "cpus_per_worker": 1}})  # 4 + 1 actor > 4 CPUs
     with pytest.raises(SpecError, match=r"rl needs 5 CPU at once .* has 4: lower those"):
-        _check_resources(too_many)
+        check_cluster(too_many)

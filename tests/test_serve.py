@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from serve_helpers import (BAD_REQUESTS, make_reward_checkpoint, post, sse_events, task_prompts,
+from serve_helpers import (BAD_REQUESTS, make_reward_checkpoint, no_internals, post, sse_events, task_prompts,
                            transformers_scores, validate)
 
 KEY = "test-key"
@@ -238,6 +238,8 @@ def test_bad_request_gets_openai_error_and_server_keeps_serving(app, name, route
     err = r.json()
     validate(err, "ErrorResponse")
     assert err["error"]["type"] == "invalid_request_error" and err["error"]["message"]
+    assert no_internals(err["error"]["message"]), err
+    assert r.headers["x-request-id"], r.headers  # the id the server logged the detail under
     if param is not None:
         assert err["error"]["param"] == param, err
     ok = post(app[0], "completions", {"model": "pretrain", "prompt": "ab =", "max_tokens": 1}, HDR)

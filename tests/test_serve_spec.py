@@ -90,3 +90,20 @@ def test_cli_serves_and_detaches(ray_session, tmp_path, random_checkpoint, capsy
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     finally:
         serve.shutdown()
+
+
+def test_engine_errors_reach_the_client_without_internals():
+    from raystages.serve.routes import ApiError, as_api_error, engine_error, reject_invalid_text
+
+    trace = ("\x1b[36mray::ServeReplica:app:LLMServer (pid=123, ip=10.0.0.5)\x1b[0m\nTraceback (most recent call last):\n"
+             '  File "/venv/lib/python3.11/site-packages/vllm/x.py", line 1\nUnicodeEncodeError: surrogates not allowed')
+    err = as_api_error(ValueError(trace), "req-1")
+    assert (err.status, err.code) == (400, "invalid_request") and "pid" not in err.message and "\n" not in err.message
+    short = engine_error(400, "This model's maximum context length is 256 tokens. (parameter=max_tokens)")
+    assert (short.param, short.code) == ("max_tokens", "context_length_exceeded")
+    assert "256 tokens" in short.message  # a validator's own one-line message is kept
+    assert engine_error(500, trace).message == "The server had an error while processing the request."
+    with pytest.raises(ApiError) as bad:
+        reject_invalid_text({"prompt": "ok", "messages": [{"role": "user", "content": "a\ud800b"}]})
+    assert (bad.value.status, bad.value.param) == (400, "messages.0.content")
+    reject_invalid_text({"prompt": ["fine", "naïve ☃"], "stop": None})

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from raystages.spec import DeepSpeedSpec
+from raystages.spec import DeepSpeedSpec, parse_options
 
 DEFAULTS = {"preset": "tiny", "batch": 64, "max_new_tokens": 32, "iterations": 5, "ppo_epochs": 2,
             "micro_batch_size": 16, "num_workers": 2, "off_policy": False,
@@ -34,15 +34,7 @@ TRL_PIN = "trl==1.12.0"
 
 
 def _options(overrides: list[str]) -> dict:
-    import yaml
-
-    opts = dict(DEFAULTS)
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key not in opts:
-            raise ValueError(f"bench rl: unknown option {key!r}; known: {sorted(opts)}")
-        opts[key] = yaml.safe_load(value)
-    return opts
+    return parse_options(overrides, DEFAULTS, "bench rl")
 
 
 def _models(work: Path, preset: str) -> tuple[Path, Path]:

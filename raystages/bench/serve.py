@@ -99,20 +99,14 @@ def _random_checkpoint(out_dir: str, preset: str) -> str:
 
 
 def run(overrides: list[str]) -> dict:
-    import yaml
     from ray import serve
 
     from raystages.serve.app import deploy, resolve_engine
     from raystages.serve.spec import ServeSpec
-    from raystages.spec import SpecError
+    from raystages.spec import parse_options
     from raystages.train.runner import connect_ray
 
-    cfg = dict(DEFAULTS)
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key not in cfg:
-            raise SpecError(f"bench serve: unknown setting {key!r}; known: {sorted(cfg)}")
-        cfg[key] = yaml.safe_load(value) if value else None
+    cfg = parse_options(overrides, DEFAULTS, "bench serve")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         ckpt = cfg["checkpoint"] or _random_checkpoint(tmp, cfg["preset"])
         spec = ServeSpec(engine=cfg["engine"], port=cfg["port"], app_name="bench",

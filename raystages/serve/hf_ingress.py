@@ -13,7 +13,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, StreamingResponse
 
-from raystages.serve.routes import ApiError, Message, StagesRoutes, sse
+from raystages.serve.routes import ApiError, Message, StagesRoutes, reject_invalid_text, sse
 
 
 class _Sampling(BaseModel):
@@ -57,6 +57,7 @@ class HFIngress(StagesRoutes):
 
     async def _run(self, body: _Sampling, req: dict, chat: bool):
         name = self._generation_model(body.model)
+        reject_invalid_text({k: getattr(body, k, None) for k in ("prompt", "messages", "stop")})
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         req.update(temperature=body.temperature, top_p=body.top_p, n=body.n, stop=stop, seed=body.seed,
                    stream=body.stream)

@@ -25,7 +25,8 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (ChatCompleti
 from ray.serve.llm.ingress import OpenAiIngress
 from starlette.responses import JSONResponse, Response
 
-from raystages.serve.routes import ApiError, ScoreBody, StagesRoutes, as_api_error  # noqa: F401
+from raystages.serve.routes import (ApiError, ScoreBody, StagesRoutes, as_api_error, engine_error,  # noqa: F401
+                                    reject_invalid_text, request_id)
 
 # Null-valued keys dropped from vLLM's bodies: the first group fails the OpenAI schema when
 # null (it types them object/array), the second is vLLM-only noise. `refusal`, `audio`,
@@ -65,10 +66,15 @@ class VLLMIngress(StagesRoutes, OpenAiIngress):
 
     async def _generate(self, body, request: Request, call_method: str) -> Response:
         body.model = self._generation_model(body.model)
+        reject_invalid_text({k: getattr(body, k, None) for k in ("prompt", "messages", "stop")})
         try:
             response = await self._process_llm_request(body, call_method=call_method, raw_request=request)
         except Exception as e:  # noqa: BLE001 - becomes an OpenAI error body
-            raise as_api_error(e) from None
+            raise as_api_error(e, request_id(request)) from None
+        if isinstance(response, JSONResponse) and response.status_code >= 400:
+            err = json.loads(response.body).get("error") or {}
+            raise engine_error(response.status_code, str(err.get("message", "")), request_id(request),
+                               err.get("param"), err.get("code"))
         if isinstance(response, JSONResponse):
             return JSONResponse(drop_null_extras(json.loads(response.body)), status_code=response.status_code)
         response.body_iterator = _clean_stream(response.body_iterator)

@@ -47,8 +47,20 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=err.status, headers=headers)
 
 
-def as_api_error(e: BaseException) -> ApiError:
-    """Map an exception from an engine (vLLM, Ray Serve LLM, ours) to an :class:`ApiError`."""
+# What marks an engine's message as carrying internals (a stack trace, colour codes, actor
+# and process ids, file paths): such text goes to the server log, never to the client.
+_INTERNALS = re.compile(r"Traceback|\x1b\[|File \"|site-packages|ray::|pid=|ActorId|\bip=|\n")
+_LOG = logging.getLogger("raystages.serve")
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def as_api_error(e: BaseException, request_id: str | None = None) -> ApiError:
+    """Map an exception from an engine (vLLM, Ray Serve LLM, ours) to an :class:`ApiError`.
+
+    A short one-line message from a request validator (vLLM's "maximum context length is
+    ...") reaches the client as it is; anything longer or carrying internals is replaced by
+    a fixed message for its class, and the detail is logged with the request id that the
+    response also carries in ``x-request-id``."""
     if isinstance(e, ApiError):
         return e
     status = getattr(e, "status_code", None)
@@ -58,15 +70,54 @@ def as_api_error(e: BaseException) -> ApiError:
         client = isinstance(e, (ValueError, TypeError)) or any(
             c.__name__ == "VLLMClientError" for c in type(e).__mro__)
         status = 400 if client else 500
-    status = int(status)
+    return engine_error(int(status), str(message), request_id, exc=e)
+
+
+def engine_error(status: int, message: str, request_id: str | None = None, param: str | None = None,
+                 code: str | None = None, exc: BaseException | None = None) -> ApiError:
+    """The client's view of an engine's error (raised, or returned as an error body)."""
     if status >= 500:  # the details go to the replica's log, not to the client
-        logging.getLogger("raystages.serve").error("request failed", exc_info=e)
+        _LOG.error("request %s failed: %s", request_id or "-", message, exc_info=exc)
         return ApiError(status, "The server had an error while processing the request.", code="internal_error")
-    message = str(message)
-    param = re.search(r"\(parameter=(\w+)", message)
-    message = re.sub(r"\s*\(Request ID: [^)]*\)", "", message).removeprefix("vllm.exceptions.VLLMValidationError: ")
-    code = "context_length_exceeded" if "context length" in message or "max_model_len" in message else None
-    return ApiError(status, message, param.group(1) if param else None, code)
+    message = re.sub(r"\s*\(Request ID: [^)]*\)", "", message.strip()).removeprefix(
+        "vllm.exceptions.VLLMValidationError: ")
+    if len(message) > 400 or _INTERNALS.search(message):
+        _LOG.warning("request %s refused: %s", request_id or "-", message)
+        return ApiError(status, "The request could not be processed: its input is invalid "
+                        "(for example text that is not valid Unicode).", None, "invalid_request")
+    named = re.search(r"\(parameter=(\w+)", message)
+    if "context length" in message or "max_model_len" in message:
+        code = "context_length_exceeded"
+    return ApiError(status, message, param or (named.group(1) if named else None), code)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def reject_invalid_text(fields: dict[str, Any]) -> None:
+    """400 naming the field when any text in ``fields`` (prompts, messages, stop strings)
+    holds an unpaired UTF-16 surrogate: JSON allows ``"\\ud800"``, no tokenizer does."""
+    def walk(node, where):
+        if isinstance(node, str):
+            if _SURROGATE.search(node):
+                raise ApiError(400, f"{where}: not valid Unicode text (an unpaired surrogate)", where,
+                               "invalid_value")
+        elif isinstance(node, BaseModel):
+            walk(node.model_dump(), where)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{where}.{i}")
+
+    for name, value in fields.items():
+        walk(value, name)
+
+
+def request_id(request: Request) -> str | None:
+    """The id ``_Guard`` gave this request (also in the response's ``x-request-id``)."""
+    return request.scope.get("state", {}).get("request_id")
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -102,29 +153,35 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        # The client's id when it sent a sane one (a load balancer's), else a fresh one.
+        given_id = headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
+        rid = given_id if re.fullmatch(r"[\w.:-]{1,128}", given_id) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        started = False
+
+        async def tagged_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (REQUEST_ID_HEADER.encode(), rid.encode())]}
+            await send(message)
+
         path, root = scope.get("path", ""), scope.get("root_path", "")
         path = path[len(root):] if root and path.startswith(root) else path
         if self.api_key and path not in HEALTH_PATHS:
-            headers = dict(scope.get("headers") or [])
             given = headers.get(b"authorization", b"").decode("latin-1")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
                 msg = "Missing API key: send `Authorization: Bearer <key>`." if not token else "Incorrect API key provided."
-                return await error_response(ApiError(401, msg, None, "invalid_api_key"))(scope, receive, send)
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+                return await error_response(ApiError(401, msg, None, "invalid_api_key"))(scope, receive, tagged_send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tagged_send)
         except Exception as e:  # noqa: BLE001 - the last line of defence for one request
             if started:
                 raise
-            await error_response(as_api_error(e))(scope, receive, send)
+            await error_response(as_api_error(e, rid))(scope, receive, tagged_send)
 
 
 def make_api(api_key: str | None) -> FastAPI:

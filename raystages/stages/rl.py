@@ -20,6 +20,9 @@ import json
 import time
 from pathlib import Path
 
+from raystages.resources import check_cluster
+from raystages.train.console import StageProgress
+
 
 def load_prompts(spec) -> tuple[list[str], list[str], list[str]]:
     """(train prompts, held-out prompts, skipped-row notes), read before Ray starts."""
@@ -39,34 +42,6 @@ def load_prompts(spec) -> tuple[list[str], list[str], list[str]]:
         val = read_rows(d.val_source, text_of(d.text_field), d.on_bad_row, d.max_rows, d.hub_split)
         return rows.rows, val.rows[:r.eval_prompts], skipped + val.skipped
     return rows.rows, rows.rows[:r.eval_prompts], skipped
-
-
-def _check_resources(spec) -> None:
-    """Fail now, with what to change, when the learner workers and rollout actors cannot all
-    be placed at once: Ray Train would otherwise wait for the resources forever. Each
-    learner worker reserves ``resources_per_worker`` (the trainer's controller needs none),
-    each actor its CPUs/GPUs; every one of them must also fit on a single node."""
-    import ray
-
-    from raystages.spec import SpecError
-
-    s, r = spec.scaling, spec.rollout
-    per_worker = {"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker if s.use_gpu else 0}
-    per_actor = {"CPU": r.cpus_per_actor, "GPU": r.gpus_per_actor}
-    how = (f"({s.num_workers} learner workers x scaling.cpus_per_worker / gpus_per_worker + {r.num_actors} "
-           f"rollout actors x rollout.cpus_per_actor / gpus_per_actor)")
-    have = ray.cluster_resources()
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    for res in ("CPU", "GPU"):
-        need = s.num_workers * per_worker[res] + r.num_actors * per_actor[res]
-        if need > have.get(res, 0) + 1e-9:
-            raise SpecError(f"rl needs {need:g} {res} at once {how} but the Ray cluster has "
-                               f"{have.get(res, 0):g}: lower those (fractions are fine) or add nodes")
-        largest = max((n.get(res, 0) for n in nodes), default=0)
-        for what, amount in (("learner worker", per_worker[res]), ("rollout actor", per_actor[res])):
-            if amount > largest + 1e-9:
-                raise SpecError(f"one {what} needs {amount:g} {res} but the largest Ray node has "
-                                   f"{largest:g}: lower it (fractions are fine)")
 
 
 def _before_after(before: dict, after: dict) -> dict:
@@ -97,14 +72,15 @@ def _fit(spec, pool, prompts, eval_prompts, tokenizer_dir: str, hooks: dict):
         torch_config=TorchConfig(timeout_s=int(COLLECTIVE_TIMEOUT.total_seconds())),
         run_config=run_config(spec),  # same name and storage path: a rerun resumes
     )
-    return trainer.fit()
+    with StageProgress("rl", spec.run_dir(), spec.algo.iterations):
+        return trainer.fit()
 
 
 def _train_loop_entry(config: dict) -> None:
     from raystages.rl.loop import train_loop
-    from raystages.train.runner import quiet_worker_logs
+    from raystages.train.runner import start_worker
 
-    quiet_worker_logs()
+    start_worker(config["run_dir"])
     train_loop(config)
 
 
@@ -138,7 +114,7 @@ def run(spec, hooks: dict | None = None):
         raise SpecError(f"rollout.max_new_tokens: prompts of {longest} tokens + {spec.rollout.max_new_tokens} "
                         f"new tokens exceed the policy's context of {ctx_len}")
     connect_ray()
-    _check_resources(spec)
+    check_cluster(spec)
     kind = spec.rollout_engine()
     r = spec.rollout
     engine_kwargs = {"seed": spec.run.seed, "kv_cache_mb": r.kv_cache_mb} if kind == "vllm" else {"seed": spec.run.seed}

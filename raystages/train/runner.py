@@ -17,10 +17,11 @@ from pathlib import Path
 import yaml
 
 from raystages import __version__
+from raystages.train.console import VERBOSE_ENV, StageProgress, capture_process_output, verbose
 
 EXPORT_DIR = "model"
 # Progress bars from transformers/hub and Ray Data would bury the progress lines.
-QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1",
              "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
 
 
@@ -53,15 +54,26 @@ class StageResult:
 
 def connect_ray() -> None:
     """Join ``RAY_ADDRESS`` if set, else an already-started session, else start a local one."""
+    import logging
+
     import ray
     from ray.data import DataContext
+
+    from raystages.train.console import verbose
 
     os.environ.update(QUIET_ENV)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    if not verbose():
+        # Ray Data's executor runs in the driver; its resource warnings ("will hang unless
+        # more CPUs are freed") describe a wait that the trainer's placement resolves.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        # A local cluster of our own: its token is set up for us; the notice is not news.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+        # Workers' output (DeepSpeed, gloo, vLLM) goes to runs/<name>/logs unless verbose.
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose(),
                  logging_level="WARNING", configure_logging=True)
     # Without it, even which rows each rank gets changes between runs.
     ctx.execution_options.preserve_order = True
@@ -87,7 +99,8 @@ def run_config(spec):
         checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
         failure_config=FailureConfig(max_failures=spec.run.max_failures),
         logging_config=LoggingConfig(log_level="WARNING"),
-        worker_runtime_env={"env_vars": QUIET_ENV}, callbacks=extra_callbacks())
+        worker_runtime_env={"env_vars": QUIET_ENV | {VERBOSE_ENV: "1" if verbose() else "0"}},
+        callbacks=extra_callbacks())
 
 
 def run_training(spec, stage, datasets: dict, tokenizer_dir: str) -> dict:
@@ -99,6 +112,9 @@ def run_training(spec, stage, datasets: dict, tokenizer_dir: str) -> dict:
     from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
+    from raystages.resources import check_cluster
+
+    check_cluster(spec)
     run_dir = spec.run_dir()
     trainer = TorchTrainer(
         _train_loop_entry,
@@ -109,7 +125,8 @@ def run_training(spec, stage, datasets: dict, tokenizer_dir: str) -> dict:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all"),
     )
-    result = trainer.fit()
+    with StageProgress(stage.name, run_dir, spec.optim.max_steps):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{stage.name}: training ended without a final checkpoint; see {run_dir}")
     with result.checkpoint.as_directory() as d:
@@ -127,10 +144,18 @@ def quiet_worker_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def start_worker(run_dir: str) -> None:
+    """First call of every Ray Train worker: its output to ``run_dir/logs/worker-<rank>.log``."""
+    import ray.train
+
+    quiet_worker_logs()
+    capture_process_output(run_dir, f"worker-{ray.train.get_context().get_world_rank()}")
+
+
 def _train_loop_entry(config: dict) -> None:
     from raystages.train.worker import train_loop
 
-    quiet_worker_logs()
+    start_worker(config["run_dir"])
     train_loop(config)
 
 
