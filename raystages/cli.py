@@ -35,12 +35,12 @@ def _run_stage(args) -> int:
 def _show_spec(args) -> int:
     import yaml
 
-    from raystages.spec import SPECS, load_spec
+    from raystages.spec import load_spec, spec_class
 
     if args.reference:
         from raystages.specdoc import markdown_reference
 
-        print(markdown_reference(SPECS[args.stage]))
+        print(markdown_reference(spec_class(args.stage)))
         return 0
     spec = load_spec(args.spec, args.overrides, stage=args.stage)
     print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")

@@ -82,10 +82,8 @@ def plan(spec_path: str, overrides: list[str], stage: str | None = None) -> Subm
         spec, tune = load_tune(path, overrides, stage)
         return Submission("tune", path, list(overrides), spec.run.name,
                           {"spec": spec.model_dump(mode="json"), "tune": tune.model_dump(mode="json")})
-    from raystages.pipeline import register_rl
     from raystages.spec import load_spec
 
-    register_rl()
     spec = load_spec(path, overrides, stage=stage)
     return Submission(spec.stage, path, list(overrides), spec.run.name, spec.model_dump(mode="json"))
 

@@ -113,9 +113,11 @@ def _stop(args) -> int:
 
 
 def _tune(args) -> int:
+    from raystages.preflight import preflight
     from raystages.tune import load_tune, run_tune
 
     spec, tune = load_tune(args.spec, args.overrides, args.stage)  # SpecError -> exit 2
+    preflight(spec)  # before any trial starts; every trial's stage checks again where it runs
     try:
         result = run_tune(spec, tune)
     except RuntimeError as e:
@@ -130,10 +132,11 @@ def _tune(args) -> int:
 
 
 def _pipeline(args) -> int:
-    from raystages.pipeline import load_pipeline, run_pipeline
+    from raystages.pipeline import load_pipeline, preflight_pipeline, run_pipeline
     from raystages.report import write_report
 
     pipe = load_pipeline(args.spec, args.overrides)  # SpecError -> exit 2
+    preflight_pipeline(pipe)  # files, checkpoints, reward code: before any stage starts
     state = run_pipeline(pipe, say=lambda line: print(f"raystages: {line}", flush=True))
     report = write_report(pipe, state)
     print(f"\npipeline {pipe.name} finished; report: {report}")

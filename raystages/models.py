@@ -201,3 +201,25 @@ def _atomic_save(write, out_dir: str | os.PathLike) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def tokenizer_digest(path: str | None) -> str | None:
+    """A hash of a checkpoint's vocabulary (model + added tokens), or None when it cannot be
+    read (yet). Parsed, not raw bytes: two saves of one tokenizer may order keys differently."""
+    if not path or not Path(path).is_dir():
+        return None
+    d = Path(path)
+    import hashlib
+
+    h = hashlib.sha256()
+    if (d / "tokenizer.json").is_file():
+        tj = json.loads((d / "tokenizer.json").read_text())
+        added = sorted((t["id"], t["content"]) for t in tj.get("added_tokens", []))
+        h.update(json.dumps({"model": tj.get("model"), "added": added}, sort_keys=True).encode())
+        return h.hexdigest()
+    present = [d / n for n in ("vocab.json", "merges.txt", "tokenizer.model") if (d / n).is_file()]
+    if not present:
+        return None
+    for f in present:
+        h.update(f.read_bytes())
+    return h.hexdigest()

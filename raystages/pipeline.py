@@ -86,15 +86,7 @@ class PipelineSpec(BaseModel):
                     if "rm" not in self.stages:
                         raise SpecError("stages.rl.reward.sources: a `model` source without ref needs stages.rm")
                     s["ref"] = str(self.export_of("rm"))
-        register_rl()
         return parse_spec(raw, stage, source=f"stages.{stage}")
-
-
-def register_rl() -> None:
-    try:
-        import raystages.rl.spec  # noqa: F401  (registers the `rl` spec)
-    except ImportError:
-        pass
 
 
 def load_pipeline(path, overrides=()) -> PipelineSpec:
@@ -120,6 +112,20 @@ def load_pipeline(path, overrides=()) -> PipelineSpec:
         except SpecError as e:
             raise SpecError(f"{p}: {e}") from None
     return pipe
+
+
+def preflight_pipeline(pipe: PipelineSpec) -> None:
+    """Every stage's preflight before the first starts; paths that an earlier stage of the
+    pipeline will write need not exist yet."""
+    from raystages.preflight import preflight
+
+    for stage in (s for s in ORDER if s in pipe.stages and pipe.checkpoint_of(s) is None):
+        produced = set()
+        if PARENT.get(stage) in pipe.stages and pipe.checkpoint_of(PARENT[stage]) is None:
+            produced.add("model.path")
+        if stage == "rl" and "rm" in pipe.stages and pipe.checkpoint_of("rm") is None:
+            produced.add("reward.sources")
+        preflight(pipe.stage_spec(stage), frozenset(produced), source=f"stages.{stage}")
 
 
 def chain_key(spec_hash: str, parent_key: str | None) -> str:

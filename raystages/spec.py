@@ -70,18 +70,7 @@ class DataSpec(Section):
     on_bad_row: Literal["error", "skip"] = Field("error", description="A row without usable text: fail naming file and row, or skip and count it.")
     max_rows: int | None = Field(None, ge=1, description="Read at most this many rows.")
     builtin: BuiltinTaskSpec = Field(default_factory=BuiltinTaskSpec)
-
-    @model_validator(mode="after")
-    def _files_exist(self):
-        from raystages.data.sources import check_source
-
-        for name in ("source", "val_source"):
-            value = getattr(self, name)
-            if value is not None:
-                problem = check_source(value)
-                if problem:
-                    raise ValueError(f"{name}: {problem}")
-        return self
+    # Whether the files exist is checked where the job runs (raystages.preflight).
 
 
 class OptimSpec(Section):
@@ -154,8 +143,9 @@ class StageSpec(Section):
     def _fits_context(self):
         from raystages.models import context_length
 
-        ctx = context_length(self.model.preset if not self.model.path else None,
-                             self.model.path, self.model.config_overrides)
+        # A preset's context is known here; a checkpoint's is read by the preflight.
+        ctx = context_length(self.model.preset if not self.model.path else None, None,
+                             self.model.config_overrides)
         if ctx is not None and self.optim.seq_len > ctx:
             raise ValueError(f"optim.seq_len {self.optim.seq_len} exceeds the model's context of {ctx} tokens")
         return self
@@ -182,12 +172,23 @@ def register(name: str, spec_cls: type[StageSpec]) -> None:
     SPECS[name] = spec_cls
 
 
+def spec_class(stage: str) -> type[StageSpec] | None:
+    """The spec class of ``stage`` (importing the module that defines it), or None."""
+    import importlib
+
+    from raystages.registry import STAGES
+
+    if stage not in SPECS and stage in STAGES:
+        importlib.import_module(STAGES[stage].spec_module)
+    return SPECS.get(stage)
+
+
 def parse_assignment(item: str, what: str = "override") -> tuple[str, Any]:
     """``key.path=value`` -> ``(key.path, value)``, the value read as a YAML scalar
     (``1e-3``, ``true``, ``[a, b]``); an empty value is None. SpecError when malformed."""
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise SpecError(f"{what} {item!r}: expected key=value")
+        raise SpecError(f"{what} {item!r}: expected {'key.path' if what == 'override' else 'key'}=value")
     try:
         return key, (yaml.safe_load(value) if value != "" else None)
     except yaml.YAMLError as e:
@@ -235,12 +236,15 @@ def validation_lines(error: ValidationError, prefix: str = "") -> str:
 
 
 def parse_spec(raw: dict, stage: str | None = None, source: str = "<spec>") -> StageSpec:
+    from raystages.registry import STAGES
+
     stage = stage or raw.get("stage")
-    if stage not in SPECS:
-        raise SpecError(f"{source}: stage: {stage!r} is not one of {sorted(SPECS)}")
+    cls = spec_class(stage) if isinstance(stage, str) else None
+    if cls is None:
+        raise SpecError(f"{source}: stage: {stage!r} is not one of {sorted(STAGES)}")
     raw = {**raw, "stage": stage}
     try:
-        return SPECS[stage].model_validate(raw)
+        return cls.model_validate(raw)
     except ValidationError as e:
         raise SpecError(f"{source}: invalid {stage} spec\n" + validation_lines(e)) from None
 
@@ -338,6 +342,3 @@ class RmSpec(StageSpec):
 register("sft", SftSpec)
 register("rm", RmSpec)
 
-
-# The RL spec lives beside the RL stage (it is large); importing it registers it.
-import raystages.rl.spec  # noqa: E402,F401

@@ -35,11 +35,11 @@ def render_readme(text: str) -> str:
     """``text`` with every ``<!-- spec-reference:STAGE -->`` block regenerated."""
     import re
 
-    from raystages.spec import SPECS
+    from raystages.spec import spec_class
 
     def fill(m: re.Match) -> str:
         stage = m.group(1)
-        return f"<!-- spec-reference:{stage} -->\n{markdown_reference(SPECS[stage])}\n<!-- /spec-reference:{stage} -->"
+        return f"<!-- spec-reference:{stage} -->\n{markdown_reference(spec_class(stage))}\n<!-- /spec-reference:{stage} -->"
 
     return re.sub(r"<!-- spec-reference:(\w+) -->.*?<!-- /spec-reference:\1 -->", fill, text, flags=re.S)
 

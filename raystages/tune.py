@@ -41,9 +41,6 @@ class TuneResult:
 
 
 def trial_spec(base: dict, values: dict, stage: str, source: str = "<tune>") -> StageSpec:
-    from raystages.pipeline import register_rl
-
-    register_rl()  # a trial is a fresh process: the rl spec registers on import
     raw = copy.deepcopy(base)
     for key, value in values.items():
         set_dotted(raw, key, value)
@@ -59,9 +56,6 @@ def load_tune(path, overrides=(), stage: str | None = None) -> tuple[StageSpec, 
     if not isinstance(raw.get("tune"), dict):
         raise SpecError(f"{p}: tune: a tune run needs a `tune:` block (metric, mode, search_space)")
     tune_raw = raw.pop("tune")
-    from raystages.pipeline import register_rl
-
-    register_rl()
     spec = parse_spec(raw, stage, source=str(p))
     try:
         tune = TuneSpec.model_validate(tune_raw)

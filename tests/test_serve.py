@@ -254,3 +254,47 @@ def test_load_1000_requests_at_concurrency_32(app):
     res = load(app[0], bodies, concurrency=32, api_key=KEY, timeout_s=420)
     assert res["errors"] == [] and len(res["latencies"]) == 1000
     assert res["completion_tokens"] >= 1000  # every request generated
+
+
+def test_health_is_liveness_ready_probes_every_engine_and_head_is_allowed(app):
+    import httpx
+
+    from raystages.serve.app import wait_ready
+
+    root = app[0].removesuffix("/v1")
+    body = wait_ready(app[0], timeout_s=120)
+    assert body == {"status": "ready", "models": ["pretrain", "reward", "sft"]}
+    for route in ("health", "ready"):  # open to load balancers: no API key
+        assert httpx.head(f"{root}/{route}").status_code == 200
+        assert httpx.get(f"{root}/{route}").status_code == 200
+    assert httpx.head(f"{app[0]}/models", headers=HDR).status_code == 200
+
+
+def test_a_killed_engine_shows_in_ready_and_the_model_recovers(app, ray_session):
+    """Runs last for each engine: the replica that holds `pretrain`'s engine is killed by PID."""
+    import os
+    import signal
+    import time
+
+    import httpx
+    from ray.util.state import list_actors
+
+    from raystages.serve.app import wait_ready
+
+    root = app[0].removesuffix("/v1")
+    engine = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+              if "pretrain" in (a.name or "") and "Ingress" not in (a.name or "")]
+    assert len(engine) == 1, [a.name for a in engine]
+    os.kill(engine[0].pid, signal.SIGKILL)
+    seen = None
+    for _ in range(60):  # bounded: 60 probes, each answers within the readiness deadline
+        r = httpx.get(f"{root}/ready", timeout=30)
+        if r.status_code == 503:
+            seen = r.json()
+            break
+        time.sleep(0.5)
+    assert seen is not None and "pretrain" in seen["not_ready"], seen
+    assert set(seen["not_ready"]) == {"pretrain"}  # the others stayed ready
+    wait_ready(app[0], timeout_s=300)  # Serve replaced the replica
+    ok = post(app[0], "completions", {"model": "pretrain", "prompt": "ab =", "max_tokens": 1}, HDR)
+    assert ok.status_code == 200, ok.text

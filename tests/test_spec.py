@@ -29,7 +29,7 @@ def test_every_job_spec_in_jobs_validates():
 
     from raystages.pipeline import load_pipeline
     from raystages.serve.spec import load_serve_spec
-    from raystages.spec import SPECS
+    from raystages.registry import STAGES
     from raystages.tune import load_tune
 
     kinds = set()
@@ -47,7 +47,7 @@ def test_every_job_spec_in_jobs_validates():
             load_serve_spec(path)
             kinds.add("serve")
         else:
-            assert raw.get("stage") in SPECS, path
+            assert raw.get("stage") in STAGES, path
             kinds.add(load_spec(path).stage)
     assert kinds == {"pipeline", "tune", "serve", "pretrain", "sft", "rm", "rl"}
     gpu = load_pipeline(ROOT / "jobs" / "gpu-llama1b.yaml")
@@ -165,3 +165,20 @@ def test_spec_error_is_a_value_error_with_all_problems():
     with pytest.raises(SpecError) as e:
         load_spec(None, ["optim.lr=-1", "optim.max_steps=0"], stage="pretrain")
     assert "optim.lr" in str(e.value) and "optim.max_steps" in str(e.value)
+
+
+def test_specs_parse_without_touching_the_filesystem_the_job_checks_where_it_runs(capsys, no_ray):
+    """A path that exists only on the cluster: the spec parses (so `submit` sends it), and the
+    preflight, where the job runs, names the field (exit 2 before Ray starts)."""
+    from raystages import jobs
+    from raystages.preflight import preflight
+
+    cluster_only = ["data.source=/cluster/only/corpus.txt", "model.path=/cluster/only/sft/model"]
+    spec = load_spec(ROOT / "jobs" / "sft.yaml", cluster_only)
+    assert jobs.plan("jobs/sft.yaml", cluster_only).resolved["data"]["source"] == "/cluster/only/corpus.txt"
+    with pytest.raises(SpecError) as e:
+        preflight(spec)
+    assert "data.source: file '/cluster/only/corpus.txt' does not exist" in str(e.value)
+    assert "model.path: '/cluster/only/sft/model' does not exist" in str(e.value)  # every problem at once
+    assert cli.main(["sft", str(ROOT / "jobs" / "sft.yaml"), *cluster_only]) == 2
+    assert "data.source" in capsys.readouterr().err

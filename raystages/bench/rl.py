@@ -84,7 +84,6 @@ def bench_engines(policy: Path, batch: int, max_new_tokens: int) -> dict:
 def ppo_spec(policy: Path, rm: Path, work: Path, o: dict):
     """The RL spec the bench times: PPO with a critic from the reward model, one mini-batch
     per epoch (as TRL's ``num_mini_batches=1``), the bench's batch, lengths and workers."""
-    import raystages.rl.spec  # noqa: F401  (registers the rl spec)
     from raystages.spec import parse_spec
 
     return parse_spec({

@@ -216,6 +216,25 @@ def build_app(args: dict | None = None):
     return build(find_models(sources, spec), spec)
 
 
+def wait_ready(base_url: str, timeout_s: float = 600.0, poll_s: float = 1.0) -> dict:
+    """Poll ``GET /ready`` (``base_url`` ends in ``/v1``) until every model's engine answers;
+    returns its body. RuntimeError naming the models still not ready at ``timeout_s``."""
+    import httpx
+
+    ready_url = base_url.removesuffix("/v1") + "/ready"
+    deadline, last = time.time() + timeout_s, {}
+    while time.time() < deadline:
+        try:
+            r = httpx.get(ready_url, timeout=30)
+            last = r.json()
+            if r.status_code == 200:
+                return last
+        except (httpx.HTTPError, ValueError) as e:
+            last = {"error": repr(e)}
+        time.sleep(poll_s)
+    raise RuntimeError(f"the served models are not ready after {timeout_s:g} s: {last}")
+
+
 def deploy(spec: ServeSpec, sources: list[str] = ()) -> tuple[str, list[ServedModel]]:
     """Start Serve's HTTP proxy on ``spec.host:port`` and run the app on the connected
     Ray; returns (base URL, models) once every deployment is ready."""

@@ -38,7 +38,7 @@ def serve_main(args: argparse.Namespace) -> int:
     """Run ``raystages serve``; a bad spec or source raises ``SpecError`` before Ray starts."""
     from pydantic import ValidationError
 
-    from raystages.serve.app import deploy, find_models
+    from raystages.serve.app import deploy, find_models, wait_ready
     from raystages.serve.spec import load_serve_spec
     from raystages.spec import SpecError
 
@@ -58,12 +58,13 @@ def serve_main(args: argparse.Namespace) -> int:
 
     connect_ray()
     url, models = deploy(spec, args.sources)
+    wait_ready(url)  # the banner means every model answers
     print(f"\n== serving {len(models)} model(s) at {url} ==")
     for m in models:
         route = "/v1/score" if m.kind == "score" else "/v1/completions, /v1/chat/completions"
         print(f"  {m.name:<10} {m.kind:<9} {route:<40} {m.spec.path}")
     auth = " -H 'Authorization: Bearer $KEY'" if spec.resolved_api_key() else ""
-    print(f"  health: {url[:-3]}/health\n  try:    curl -s {url}/models{auth}")
+    print(f"  health: {url[:-3]}/health (live), {url[:-3]}/ready (every engine answers)\n  try:    curl -s {url}/models{auth}")
     sys.stdout.flush()
     if args.detach:
         print(f"  detached: stop with `serve delete {spec.app_name}` (or serve shutdown)")

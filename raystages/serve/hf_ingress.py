@@ -55,6 +55,15 @@ class HFIngress(StagesRoutes):
         return await self._run(body, {"messages": messages,
                                       "max_tokens": body.max_completion_tokens or body.max_tokens}, chat=True)
 
+    async def _probe_generation(self, name: str) -> bool:
+        events = self._engines[name].generate.remote(
+            {"prompts": ["a"], "max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "n": 1, "stop": None,
+             "seed": None, "stream": False})
+        ok = "error" not in await events.__anext__()
+        async for _ in events:  # drain: the engine finishes the request either way
+            pass
+        return ok
+
     async def _run(self, body: _Sampling, req: dict, chat: bool):
         name = self._generation_model(body.model)
         reject_invalid_text({k: getattr(body, k, None) for k in ("prompt", "messages", "stop")})

@@ -83,6 +83,11 @@ class VLLMIngress(StagesRoutes, OpenAiIngress):
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         return await self._generate(body, request, "completions")
 
+    async def _probe_generation(self, name: str) -> bool:
+        probe = CompletionRequest(model=name, prompt="a", max_tokens=1, temperature=0.0)
+        response = await self._process_llm_request(probe, call_method="completions")
+        return getattr(response, "status_code", 200) == 200
+
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         return await self._generate(body, request, "chat")
 

@@ -25,7 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-HEALTH_PATHS = ("/health",)
+HEALTH_PATHS = ("/health", "/ready")  # open without the API key: load balancers probe them
+# How long a model's engine may take to answer the readiness probe (one token) before
+# /ready calls it not ready: short, so a dead engine shows within seconds, not after
+# the request timeout (a busy engine answers one token in far less).
+READY_DEADLINE_S = 3.0
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                 405: "invalid_request_error", 408: "timeout", 413: "invalid_request_error",
                 422: "invalid_request_error", 429: "rate_limit_error"}
@@ -248,7 +252,38 @@ class StagesRoutes:
         return JSONResponse(self._card(model))
 
     async def health(self):
+        """Liveness: the ingress answers. Says nothing about the engines (see ``ready``)."""
         return JSONResponse({"status": "ok", "models": sorted(self._info)})
+
+    async def ready(self):
+        """Readiness: every model's engine answers a trivial request within the deadline;
+        503 naming those that did not."""
+        import asyncio
+
+        async def probe(name: str) -> str | None:
+            try:
+                if self._info[name]["kind"] == "score":
+                    out = await asyncio.wait_for(self._scorers[name].score.remote(None, ["a"]), READY_DEADLINE_S)
+                    ok = "scores" in out
+                else:
+                    ok = await asyncio.wait_for(self._probe_generation(name), READY_DEADLINE_S)
+                return None if ok else "its engine answered with an error"
+            except asyncio.TimeoutError:
+                return f"no answer within {READY_DEADLINE_S:g} s"
+            except Exception as e:  # noqa: BLE001 - a dead replica, an engine restarting
+                logging.getLogger("raystages.serve").warning("readiness probe of %s failed: %r", name, e)
+                return f"its engine failed ({type(e).__name__})"
+
+        names = sorted(self._info)
+        problems = dict(zip(names, await asyncio.gather(*(probe(n) for n in names))))
+        not_ready = {n: why for n, why in problems.items() if why}
+        if not_ready:
+            return JSONResponse({"status": "not ready", "not_ready": not_ready, "models": names}, status_code=503)
+        return JSONResponse({"status": "ready", "models": names})
+
+    async def _probe_generation(self, name: str) -> bool:
+        """One greedy token from ``name``'s engine; True when it came back. Per engine."""
+        raise NotImplementedError
 
     async def score(self, body: ScoreBody, request: Request):
         names = sorted(self._scorers)
@@ -276,6 +311,7 @@ ROUTE_SPECS = {
     "chat": ("POST", "/v1/chat/completions"),
     "score": ("POST", "/v1/score"),
     "health": ("GET", "/health"),
+    "ready": ("GET", "/ready"),
 }
 
 
@@ -286,7 +322,9 @@ def ingress_class(cls: type, app: FastAPI) -> type:
 
     methods = {}
     for name, (method, path) in ROUTE_SPECS.items():
-        methods[name] = getattr(app, method.lower())(path)(getattr(cls, name))
+        # Every GET also answers HEAD (probes and `curl -I`), as HTTP servers are expected to.
+        verbs = ["GET", "HEAD"] if method == "GET" else [method]
+        methods[name] = app.api_route(path, methods=verbs)(getattr(cls, name))
     new_cls = type(cls.__name__, (cls,), methods)
     new_cls.__qualname__ = cls.__qualname__
     return serve.ingress(app)(new_cls)

@@ -57,11 +57,13 @@ def load_texts(spec) -> tuple[list[str], list[str], list[str]]:
 
 def run(spec) -> "StageResult":
     from raystages.data.packing import packed_dataset
+    from raystages.preflight import preflight
     from raystages.data.tokenizer import prepare_tokenizer
     from raystages.train.runner import (EXPORT_DIR, StageResult, connect_ray, run_training,
                                         save_run_spec, write_lineage)
 
     started = time.time()
+    preflight(spec)
     train_texts, val_texts, skipped = load_texts(spec)
     save_run_spec(spec)
     tokenizer_dir = prepare_tokenizer(spec, train_texts)

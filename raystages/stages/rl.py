@@ -20,6 +20,7 @@ import json
 import time
 from pathlib import Path
 
+from raystages.preflight import preflight as preflight_checks
 from raystages.resources import check_cluster
 from raystages.train.console import StageProgress
 
@@ -42,6 +43,40 @@ def load_prompts(spec) -> tuple[list[str], list[str], list[str]]:
         val = read_rows(d.val_source, text_of(d.text_field), d.on_bad_row, d.max_rows, d.hub_split)
         return rows.rows, val.rows[:r.eval_prompts], skipped + val.skipped
     return rows.rows, rows.rows[:r.eval_prompts], skipped
+
+
+def preflight(spec, produced: frozenset[str]) -> list[str]:
+    """RL's checks where the job runs (see ``raystages.preflight``): the rollout engine is
+    installed, callable rewards import, reward models are checkpoints with the policy's
+    tokenizer unless ``reward.retokenize``."""
+    import importlib.util
+
+    from raystages.models import tokenizer_digest
+    from raystages.preflight import checkpoint_problem
+    from raystages.rl.rewards import load_callable
+
+    out = []
+    if spec.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        out.append("rollout.engine: vllm is not installed here; use 'hf' or 'auto'")
+    for i, s in enumerate(spec.reward.sources):
+        where = f"reward.sources.{i}.ref"
+        if s.kind == "callable":
+            try:
+                if not callable(load_callable(s.ref)):
+                    out.append(f"{where}: {s.ref!r} is not callable")
+            except (ImportError, AttributeError) as e:
+                out.append(f"{where}: cannot load {s.ref!r}: {e}")
+        elif s.kind == "model" and "reward.sources" not in produced:
+            problem = checkpoint_problem(where, s.ref, "a reward-model checkpoint")
+            ours = theirs = None
+            if not problem and not spec.reward.retokenize and "model.path" not in produced:
+                ours, theirs = tokenizer_digest(spec.model.path), tokenizer_digest(s.ref)
+            if problem:
+                out.append(problem)
+            elif None not in (ours, theirs) and ours != theirs:
+                out.append(f"{where}: reward model {s.ref!r} has a different tokenizer than the policy "
+                           f"{spec.model.path!r}: set reward.retokenize=true to score with its own")
+    return out
 
 
 def _before_after(before: dict, after: dict) -> dict:
@@ -97,12 +132,7 @@ def run(spec, hooks: dict | None = None):
     from raystages.train.worker import FINAL_MARKER
 
     started = time.time()
-    if not (Path(spec.model.path) / "config.json").is_file():
-        raise SpecError(f"model.path: {spec.model.path!r} is not a checkpoint directory "
-                        "(run the SFT stage first, or point it at one)")
-    for s in spec.reward.sources:
-        if s.kind == "model" and not (Path(s.ref) / "config.json").is_file():
-            raise SpecError(f"reward.sources: reward model {s.ref!r} is not a checkpoint directory")
+    preflight_checks(spec)
     prompts, eval_prompts, skipped = load_prompts(spec)
     save_run_spec(spec)
     run_dir = spec.run_dir()

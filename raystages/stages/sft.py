@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from raystages.stages.losses import IGNORE, masked_token_ce
 from raystages.train.stage import Stage
@@ -64,16 +63,11 @@ class SftStage(Stage):
 
 
 def check_parent(spec) -> str:
-    """``model.path`` as given, or SpecError before anything starts when it is missing."""
-    import re
+    """``model.path`` as given, after the preflight (SpecError before anything starts)."""
+    from raystages.preflight import preflight
 
-    from raystages.spec import SpecError
-
-    path = spec.model.path
-    if not Path(path).expanduser().exists() and not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", path):
-        raise SpecError(f"model.path {path!r} does not exist: run the previous stage first "
-                        "(e.g. `raystages pretrain jobs/pretrain.yaml`) or point model.path at a checkpoint")
-    return path
+    preflight(spec)
+    return spec.model.path
 
 
 def ray_dataset(arrays: dict, seed: int | None):
