@@ -12,7 +12,7 @@ import sys
 
 from raystages.bench import BENCHES
 from raystages.registry import STAGES, stage_module
-from raystages.train.console import finished_line
+from raystages.train.console import finished_line, mark
 
 TRAINING_STAGES = tuple(STAGES)
 
@@ -28,6 +28,7 @@ def _run_stage(args) -> int:
     from raystages.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides, stage=args.command)
+    mark("spec")  # imports and parsing
     _print_result(stage_module(args.command).run(spec))
     return 0
 

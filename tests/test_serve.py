@@ -270,6 +270,34 @@ def test_health_is_liveness_ready_probes_every_engine_and_head_is_allowed(app):
     assert httpx.head(f"{app[0]}/models", headers=HDR).status_code == 200
 
 
+def test_metrics_in_prometheus_format_on_the_api_port(app):
+    """After the tests above: our request metrics at once, Serve's replica metrics (and vLLM's
+    engine metrics) once Ray's agent has exported them (bounded wait)."""
+    import time
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root = app[0].removesuffix("/v1")
+    samples = {}
+    for _ in range(40):  # bounded: Ray's agent exports every few seconds
+        text = httpx.get(f"{root}/metrics", timeout=30).text  # open, like /health
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        names = {name for name, _ in samples}
+        if any(n.startswith("ray_serve_") for n in names) and (app[1] != "vllm" or any("vllm" in n for n in names)):
+            break
+        time.sleep(1)
+    ok = samples[("raystages_requests_total", (("model", "pretrain"), ("route", "/v1/completions"), ("status", "200")))]
+    assert ok >= 750  # the load test alone sent 750 completions (and 250 chats)
+    assert any(n == "raystages_requests_total" and dict(lb).get("status") == "400" for n, lb in samples)
+    assert samples[("raystages_tokens_total", (("kind", "completion"), ("model", "pretrain")))] >= 1000
+    assert ("raystages_request_seconds_bucket", (("le", "+Inf"), ("model", "pretrain"), ("route", "/v1/completions"))) in samples
+    assert any(n.startswith("ray_serve_") for n, _ in samples), sorted({n for n, _ in samples})[:50]
+    if app[1] == "vllm":
+        assert any("vllm" in n for n, _ in samples), sorted({n for n, _ in samples})[:80]
+
+
 def test_a_killed_engine_shows_in_ready_and_the_model_recovers(app, ray_session):
     """Runs last for each engine: the replica that holds `pretrain`'s engine is killed by PID."""
     import os

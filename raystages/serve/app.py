@@ -154,7 +154,8 @@ def llm_config(m: ServedModel):
         deployment_config={"num_replicas": s.replicas, "ray_actor_options": {"num_cpus": 0}},
         runtime_env=None if gpu else {"env_vars": dict(CPU_ENGINE_ENV)},
         engine_kwargs=kwargs,
-        log_engine_metrics=False,
+        # vLLM's engine metrics (TTFT, queue, KV-cache use) through ray.util.metrics: GET /metrics.
+        log_engine_metrics=True,
     )
 
 

@@ -48,12 +48,13 @@ class HFIngress(StagesRoutes):
 
     async def completions(self, body: CompletionBody, request: Request):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        return await self._run(body, {"prompts": prompts, "max_tokens": body.max_tokens}, chat=False)
+        return await self._run(body, request, {"prompts": prompts, "max_tokens": body.max_tokens}, chat=False)
 
     async def chat(self, body: ChatBody, request: Request):
         messages = [m.model_dump() for m in body.messages]
-        return await self._run(body, {"messages": messages,
-                                      "max_tokens": body.max_completion_tokens or body.max_tokens}, chat=True)
+        return await self._run(body, request, {"messages": messages,
+                                               "max_tokens": body.max_completion_tokens or body.max_tokens},
+                               chat=True)
 
     async def _probe_generation(self, name: str) -> bool:
         events = self._engines[name].generate.remote(
@@ -64,8 +65,8 @@ class HFIngress(StagesRoutes):
             pass
         return ok
 
-    async def _run(self, body: _Sampling, req: dict, chat: bool):
-        name = self._generation_model(body.model)
+    async def _run(self, body: _Sampling, request: Request, req: dict, chat: bool):
+        name = request.state.model = self._generation_model(body.model)
         reject_invalid_text({k: getattr(body, k, None) for k in ("prompt", "messages", "stop")})
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         req.update(temperature=body.temperature, top_p=body.top_p, n=body.n, stop=stop, seed=body.seed,
@@ -97,9 +98,9 @@ class HFIngress(StagesRoutes):
             else:
                 choices.append({"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish.get(i, "length")})
         completion_tokens = sum(used.values())
-        return JSONResponse({**head, "choices": choices, "usage": {
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}})
+        request.state.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                               "total_tokens": prompt_tokens + completion_tokens}
+        return JSONResponse({**head, "choices": choices, "usage": request.state.usage})
 
     async def _stream(self, head: dict, events, chat: bool, prompt_tokens: int, include_usage: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"

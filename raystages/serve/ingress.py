@@ -65,7 +65,7 @@ class VLLMIngress(StagesRoutes, OpenAiIngress):
         self._init_routes(models_info, scorers)
 
     async def _generate(self, body, request: Request, call_method: str) -> Response:
-        body.model = self._generation_model(body.model)
+        body.model = request.state.model = self._generation_model(body.model)
         reject_invalid_text({k: getattr(body, k, None) for k in ("prompt", "messages", "stop")})
         try:
             response = await self._process_llm_request(body, call_method=call_method, raw_request=request)
@@ -76,7 +76,9 @@ class VLLMIngress(StagesRoutes, OpenAiIngress):
             raise engine_error(response.status_code, str(err.get("message", "")), request_id(request),
                                err.get("param"), err.get("code"))
         if isinstance(response, JSONResponse):
-            return JSONResponse(drop_null_extras(json.loads(response.body)), status_code=response.status_code)
+            answer = drop_null_extras(json.loads(response.body))
+            request.state.usage = answer.get("usage")
+            return JSONResponse(answer, status_code=response.status_code)
         response.body_iterator = _clean_stream(response.body_iterator)
         return response
 

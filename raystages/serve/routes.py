@@ -25,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-HEALTH_PATHS = ("/health", "/ready")  # open without the API key: load balancers probe them
+from raystages.serve.metrics import RequestTimer
+
+HEALTH_PATHS = ("/health", "/ready", "/metrics")  # open without the API key: probes and scrapers
 # How long a model's engine may take to answer the readiness probe (one token) before
 # /ready calls it not ready: short, so a dead engine shows within seconds, not after
 # the request timeout (a busy engine answers one token in far less).
@@ -161,31 +163,38 @@ class _Guard:
         # The client's id when it sent a sane one (a load balancer's), else a fresh one.
         given_id = headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
         rid = given_id if re.fullmatch(r"[\w.:-]{1,128}", given_id) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
         started = False
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path
+        timer = RequestTimer(path)
 
         async def tagged_send(message):
             nonlocal started
+            timer.on_message(message)
             if message["type"] == "http.response.start":
                 started = True
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (REQUEST_ID_HEADER.encode(), rid.encode())]}
             await send(message)
 
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        path = path[len(root):] if root and path.startswith(root) else path
-        if self.api_key and path not in HEALTH_PATHS:
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                msg = "Missing API key: send `Authorization: Bearer <key>`." if not token else "Incorrect API key provided."
-                return await error_response(ApiError(401, msg, None, "invalid_api_key"))(scope, receive, tagged_send)
         try:
+            if self.api_key and path not in HEALTH_PATHS:
+                given = headers.get(b"authorization", b"").decode("latin-1")
+                token = given[7:] if given.lower().startswith("bearer ") else ""
+                if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                    msg = ("Missing API key: send `Authorization: Bearer <key>`." if not token
+                           else "Incorrect API key provided.")
+                    return await error_response(ApiError(401, msg, None, "invalid_api_key"))(
+                        scope, receive, tagged_send)
             await self.app(scope, receive, tagged_send)
         except Exception as e:  # noqa: BLE001 - the last line of defence for one request
             if started:
                 raise
             await error_response(as_api_error(e, rid))(scope, receive, tagged_send)
+        finally:
+            timer.done(state)
 
 
 def make_api(api_key: str | None) -> FastAPI:
@@ -255,6 +264,14 @@ class StagesRoutes:
         """Liveness: the ingress answers. Says nothing about the engines (see ``ready``)."""
         return JSONResponse({"status": "ok", "models": sorted(self._info)})
 
+    async def metrics(self):
+        """Prometheus text: this ingress's request metrics, Serve's and vLLM's (see serve.metrics)."""
+        from starlette.responses import PlainTextResponse
+
+        from raystages.serve.metrics import exposition
+
+        return PlainTextResponse(await exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def ready(self):
         """Readiness: every model's engine answers a trivial request within the deadline;
         503 naming those that did not."""
@@ -293,10 +310,12 @@ class StagesRoutes:
                            else "No scoring model is served.", "model", "model_not_found")
         if name not in self._scorers:
             raise ApiError(404, f"The model `{name}` is not a scoring model. Scoring: {names}", "model", "model_not_found")
+        request.state.model = name
         responses = [r if isinstance(r, str) else [m.model_dump() for m in r] for r in body.responses]
         out = await self._scorers[name].score.remote(body.prompt, responses)
         if "error" in out:
             raise ApiError(400, out["error"], out.get("param"), out.get("code"))
+        request.state.usage = {"prompt_tokens": out["tokens"]}
         return JSONResponse({
             "id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": name,
             "data": [{"object": "score", "index": i, "score": s} for i, s in enumerate(out["scores"])],
@@ -312,6 +331,7 @@ ROUTE_SPECS = {
     "score": ("POST", "/v1/score"),
     "health": ("GET", "/health"),
     "ready": ("GET", "/ready"),
+    "metrics": ("GET", "/metrics"),
 }
 
 

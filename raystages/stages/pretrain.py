@@ -58,6 +58,7 @@ def load_texts(spec) -> tuple[list[str], list[str], list[str]]:
 def run(spec) -> "StageResult":
     from raystages.data.packing import packed_dataset
     from raystages.preflight import preflight
+    from raystages.train.console import mark
     from raystages.data.tokenizer import prepare_tokenizer
     from raystages.train.runner import (EXPORT_DIR, StageResult, connect_ray, run_training,
                                         save_run_spec, write_lineage)
@@ -65,8 +66,10 @@ def run(spec) -> "StageResult":
     started = time.time()
     preflight(spec)
     train_texts, val_texts, skipped = load_texts(spec)
+    mark("data")
     save_run_spec(spec)
     tokenizer_dir = prepare_tokenizer(spec, train_texts)
+    mark("tokenizer")
     connect_ray()
     train_ds = packed_dataset(train_texts, tokenizer_dir, spec.optim.seq_len, seed=spec.run.seed)
     val_ds = packed_dataset(val_texts, tokenizer_dir, spec.optim.seq_len, seed=None)

@@ -46,6 +46,57 @@ def capture_process_output(run_dir: str | Path, name: str) -> None:
     os.close(fd)
 
 
+# --- start-up phases: where the time before the first optimizer step goes ----------------
+
+STARTUP_FILE = "startup.json"
+_marks: list[tuple[str, float]] = []
+
+
+def process_start() -> float:
+    """When this process started (epoch seconds): the command's own start, imports included."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def mark(phase: str) -> None:
+    """The driver finished ``phase`` now (``data``, ``tokenizer``, ``ray``, ``dataset``, ...)."""
+    _marks.append((phase, time.time()))
+
+
+def driver_marks() -> list[tuple[str, float]]:
+    return list(_marks)
+
+
+def phase_seconds(t0: float, marks: list[tuple[str, float]]) -> dict[str, float]:
+    """``{phase: seconds}`` from consecutive marks, the first counted from ``t0``; a phase
+    marked twice (a second stage in one process) counts from the previous mark."""
+    out, last = {}, t0
+    for phase, t in sorted(marks, key=lambda m: m[1]):
+        if t < t0:
+            continue
+        out[phase] = round(out.get(phase, 0.0) + t - last, 2)
+        last = t
+    return out
+
+
+def write_startup(run_dir: str | Path, driver: dict, worker_marks: list[tuple[str, float]]) -> dict:
+    """Rank 0, after its first optimizer step: every phase since the command started, in
+    ``run_dir/startup.json`` (the driver prints it; ``bench data`` reads it)."""
+    marks = [*driver["marks"], *worker_marks]
+    startup = {"phases": phase_seconds(driver["t0"], marks),
+               "seconds_to_first_step": round(marks[-1][1] - driver["t0"], 2), "t0": driver["t0"]}
+    tmp = Path(run_dir) / f".{STARTUP_FILE}.tmp"
+    tmp.write_text(json.dumps(startup))
+    tmp.replace(Path(run_dir) / STARTUP_FILE)
+    return startup
+
+
+def startup_line(startup: dict) -> str:
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in startup["phases"].items())
+    return f"startup: {phases} (first step {startup['seconds_to_first_step']:.1f} s after the command)"
+
+
 def describe(record: dict) -> str:
     """The figures of one metrics record that a person follows, in one short line."""
     parts = []
@@ -88,6 +139,7 @@ class StageProgress:
         self.thread = threading.Thread(target=self._follow, daemon=True, name=f"progress-{stage}")
         self.last: dict = {}
         self.started = time.time()
+        self.startup_shown = False
 
     def __enter__(self):
         if not verbose():
@@ -114,6 +166,19 @@ class StageProgress:
                 except json.JSONDecodeError:
                     continue
 
+    def _startup(self, say) -> None:
+        """Print the start-up phases once, when rank 0 has written them."""
+        if self.startup_shown:
+            return
+        path = self.path.parent / STARTUP_FILE
+        if path.is_file() and path.stat().st_mtime >= self.started - 1:
+            try:
+                startup = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                return  # being written
+            self.startup_shown = True
+            say(f"  {self.stage} {startup_line(startup)}")
+
     def _follow(self) -> None:
         from rich.console import Console
 
@@ -131,6 +196,7 @@ class StageProgress:
         with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task(self.stage, total=self.total, info="starting")
             while not self.done.wait(0.5):
+                self._startup(bar.console.print)
                 for record in self._records():
                     self.last = record
                     bar.update(task, completed=record.get(self.step_key, 0), info=describe(record))
@@ -139,6 +205,7 @@ class StageProgress:
         shown = 0
         every = max(1, self.total // 10)
         while not self.done.wait(1.0):
+            self._startup(lambda line: print(line, file=sys.stderr, flush=True))
             for record in self._records():
                 self.last = record
                 step = int(record.get(self.step_key, 0))

@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from raystages import __version__
-from raystages.train.console import VERBOSE_ENV, StageProgress, capture_process_output, verbose
+from raystages.train.console import (VERBOSE_ENV, StageProgress, capture_process_output, driver_marks, mark,
+                                     process_start, verbose)
 
 EXPORT_DIR = "model"
 # Progress bars from transformers/hub and Ray Data would bury the progress lines.
@@ -75,6 +76,7 @@ def connect_ray() -> None:
         # Workers' output (DeepSpeed, gloo, vLLM) goes to runs/<name>/logs unless verbose.
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose(),
                  logging_level="WARNING", configure_logging=True)
+    mark("ray")
     # Without it, even which rows each rank gets changes between runs.
     ctx.execution_options.preserve_order = True
 
@@ -103,6 +105,12 @@ def run_config(spec):
         callbacks=extra_callbacks())
 
 
+def startup_of_driver() -> dict:
+    """The driver's start-up marks so far, plus the trainer's start, for rank 0's report."""
+    mark("datasets")
+    return {"t0": process_start(), "marks": [*driver_marks(), ("trainer", time.time())]}
+
+
 def run_training(spec, stage, datasets: dict, tokenizer_dir: str) -> dict:
     """Fit ``stage`` on ``datasets`` (``train`` and ``val``) and return the final metrics.
 
@@ -119,7 +127,7 @@ def run_training(spec, stage, datasets: dict, tokenizer_dir: str) -> dict:
     trainer = TorchTrainer(
         _train_loop_entry,
         train_loop_config={"spec": spec, "stage": stage, "run_dir": str(run_dir),
-                           "tokenizer_dir": tokenizer_dir},
+                           "tokenizer_dir": tokenizer_dir, "startup": startup_of_driver()},
         scaling_config=scaling_config(spec),
         run_config=run_config(spec),
         datasets=datasets,

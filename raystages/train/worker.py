@@ -61,11 +61,13 @@ def train_loop(config: dict) -> None:
     from torch.optim.lr_scheduler import LambdaLR
 
     from raystages.models import count_parameters, load_tokenizer
+    from raystages.train.console import write_startup
     from raystages.train.metrics import MetricsLog, flops_per_token, peak_tflops, say
     from raystages.train.optim import deepspeed_config, lr_lambda
 
     spec, stage = config["spec"], config["stage"]
     run_dir = Path(config["run_dir"])
+    startup_marks = [("workers", time.time())]  # this worker process is up
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, math.ceil(spec.scaling.cpus_per_worker)))
@@ -77,6 +79,7 @@ def train_loop(config: dict) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(spec), lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(spec.optim)))
+    startup_marks.append(("deepspeed", time.time()))
 
     state = {"epoch": 0, "batches_in_epoch": 0, "items_seen": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -152,6 +155,8 @@ def train_loop(config: dict) -> None:
         step = engine.global_steps
         if step == before:
             continue
+        if rank == 0 and step == start_step + 1 and "startup" in config:
+            write_startup(run_dir, config["startup"], [*startup_marks, ("first step", time.time())])
         on_log = step % spec.logging.log_every == 0 or step == max_steps
         on_eval = step % spec.run.eval_every == 0 or step == max_steps
         # The last step is checkpointed too: a crash during export then resumes at the end.
