@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from raystages.data.sources import DataError, read_rows
-from raystages.stages.losses import IGNORE
+from raystages.data import IGNORE
 
 ROLES = ("system", "user", "assistant")
 

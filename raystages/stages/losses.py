@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE = -100
+from raystages.data import IGNORE
 
 
 def token_ce_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
