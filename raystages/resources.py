@@ -34,11 +34,12 @@ def needs(spec) -> dict[str, float]:
 def shortfall(spec, cluster: dict[str, float], largest_node: dict[str, float]) -> str | None:
     """Why the run cannot be placed on a cluster with these totals and largest node, or None."""
     parts = pieces(spec)
-    how = " + ".join(f"{knobs}" for _, _, _, knobs in parts)
+    how = " + ".join(knobs for _, _, _, knobs in parts)
     for res, need in needs(spec).items():
         if need > cluster.get(res, 0) + 1e-9:
             return (f"{spec.stage} needs {need:g} {res} at once ({how}) but the Ray cluster has "
-                    f"{cluster.get(res, 0):g}: lower those (fractions are fine) or add nodes")
+                    f"{cluster.get(res, 0):g}: lower those (fractions are fine), add nodes, or set "
+                    "scaling.autoscaling=true where an autoscaler adds them")
         for what, _, one, _ in parts:
             if one[res] > largest_node.get(res, 0) + 1e-9:
                 return (f"one {what} needs {one[res]:g} {res} but the largest Ray node has "
@@ -47,10 +48,14 @@ def shortfall(spec, cluster: dict[str, float], largest_node: dict[str, float]) -
 
 
 def check_cluster(spec) -> None:
-    """SpecError (exit 2) when the connected Ray cluster cannot place the whole run."""
+    """SpecError (exit 2) when the connected Ray cluster cannot place the whole run; with
+    ``scaling.autoscaling`` the run waits for the nodes an autoscaler adds instead."""
     import ray
 
     from raystages.spec import SpecError
+
+    if spec.scaling.autoscaling:
+        return
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     largest = {res: max((n.get(res, 0) for n in nodes), default=0) for res in ("CPU", "GPU")}

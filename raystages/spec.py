@@ -108,6 +108,7 @@ class ScalingSpec(Section):
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU workers use gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves; also its torch thread count (rounded up).")
     gpus_per_worker: float = Field(1.0, ge=0, description="GPUs each worker reserves when use_gpu.")
+    autoscaling: bool = Field(False, description="The cluster adds nodes on demand (an autoscaler): wait for the workers' resources instead of failing at once when the cluster is short of them now.")
 
 
 class RunSpec(Section):

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from raystages.spec import (SpecError, StageSpec, apply_overrides, parse_spec, read_yaml_mapping, set_dotted,
                             validation_lines)
 from raystages.registry import stage_module
+from raystages.resources import pieces
 from raystages.tune_spec import TuneSpec
 
 
@@ -136,11 +137,10 @@ def _trial_resources(spec: StageSpec, t: TuneSpec):
 
     if spec.stage != "rl":
         return {"cpu": t.trial_cpus}
-    s, r = spec.scaling, spec.rollout
-    worker = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
-    actor = {"CPU": r.cpus_per_actor, **({"GPU": r.gpus_per_actor} if r.gpus_per_actor else {})}
-    return tune.PlacementGroupFactory([{"CPU": t.trial_cpus}] + [actor] * r.num_actors
-                                      + [worker] * s.num_workers, strategy="PACK")
+    bundles = [{"CPU": t.trial_cpus}]
+    for _, count, one, _ in reversed(pieces(spec)):  # rollout actors, then learner workers
+        bundles += [{res: amount for res, amount in one.items() if amount}] * count
+    return tune.PlacementGroupFactory(bundles, strategy="PACK")
 
 
 def _scheduler(t: TuneSpec):
