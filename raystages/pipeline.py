@@ -31,7 +31,7 @@ from raystages.spec import (SpecError, StageSpec, apply_overrides, parse_spec, r
                             validation_lines)
 
 from raystages.registry import ORDER, STAGES, stage_module
-from raystages.train.console import finished_line
+from raystages.train.console import begin_stage, finished_line
 
 PARENT = {name: s.parent for name, s in STAGES.items() if s.parent}
 
@@ -167,6 +167,7 @@ def run_pipeline(pipe: PipelineSpec, say=print) -> dict:
             _archive(spec.run_dir())
         state["stages"][stage] = {"status": "running", "key": key, "export": str(export), "started": time.time()}
         _save(state_path, state)
+        begin_stage()
         result = stage_module(stage).run(spec)
         state["stages"][stage] = {"status": "done", "key": key, "export": str(result.export_dir),
                                   "wall_s": round(time.time() - state["stages"][stage]["started"], 1),

@@ -50,13 +50,14 @@ def capture_process_output(run_dir: str | Path, name: str) -> None:
 
 STARTUP_FILE = "startup.json"
 _marks: list[tuple[str, float]] = []
+_stage_t0: float | None = None  # None: the stage started with the process (the CLI)
 
 
-def process_start() -> float:
-    """When this process started (epoch seconds): the command's own start, imports included."""
-    import psutil
-
-    return psutil.Process().create_time()
+def begin_stage() -> None:
+    """A stage starts now in a process that ran others before it (a pipeline)."""
+    global _stage_t0
+    _stage_t0 = time.time()
+    _marks.clear()
 
 
 def mark(phase: str) -> None:
@@ -64,8 +65,15 @@ def mark(phase: str) -> None:
     _marks.append((phase, time.time()))
 
 
-def driver_marks() -> list[tuple[str, float]]:
-    return list(_marks)
+def take_driver_marks() -> dict:
+    """``{"t0", "marks"}`` of the stage about to start training: since the process started
+    (imports included) or since :func:`begin_stage`. Clears the marks for the next stage."""
+    import psutil
+
+    t0 = _stage_t0 if _stage_t0 is not None else psutil.Process().create_time()
+    taken = {"t0": t0, "marks": list(_marks)}
+    _marks.clear()
+    return taken
 
 
 def phase_seconds(t0: float, marks: list[tuple[str, float]]) -> dict[str, float]:
@@ -149,7 +157,7 @@ class StageProgress:
     def __exit__(self, *exc):
         self.done.set()
         if self.thread.is_alive():
-            self.thread.join(timeout=5)
+            self.thread.join(timeout=10)
         return False
 
     def _records(self):
@@ -195,16 +203,20 @@ class StageProgress:
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task(self.stage, total=self.total, info="starting")
-            while not self.done.wait(0.5):
+            while True:
+                stopping = self.done.wait(0.5)  # one more pass after the stage ends: nothing unread
                 self._startup(bar.console.print)
                 for record in self._records():
                     self.last = record
                     bar.update(task, completed=record.get(self.step_key, 0), info=describe(record))
+                if stopping:
+                    break
 
     def _follow_plain(self) -> None:
         shown = 0
         every = max(1, self.total // 10)
-        while not self.done.wait(1.0):
+        while True:
+            stopping = self.done.wait(1.0)  # one more pass after the stage ends: nothing unread
             self._startup(lambda line: print(line, file=sys.stderr, flush=True))
             for record in self._records():
                 self.last = record
@@ -214,3 +226,5 @@ class StageProgress:
                     elapsed = time.time() - self.started
                     print(f"  {self.stage} {step}/{self.total} · {describe(record)} · {elapsed:.0f}s",
                           file=sys.stderr, flush=True)
+            if stopping:
+                break

@@ -17,8 +17,8 @@ from pathlib import Path
 import yaml
 
 from raystages import __version__
-from raystages.train.console import (VERBOSE_ENV, StageProgress, capture_process_output, driver_marks, mark,
-                                     process_start, verbose)
+from raystages.train.console import (VERBOSE_ENV, StageProgress, capture_process_output, mark,
+                                     take_driver_marks, verbose)
 
 EXPORT_DIR = "model"
 # Progress bars from transformers/hub and Ray Data would bury the progress lines.
@@ -108,7 +108,8 @@ def run_config(spec):
 def startup_of_driver() -> dict:
     """The driver's start-up marks so far, plus the trainer's start, for rank 0's report."""
     mark("datasets")
-    return {"t0": process_start(), "marks": [*driver_marks(), ("trainer", time.time())]}
+    taken = take_driver_marks()
+    return {"t0": taken["t0"], "marks": [*taken["marks"], ("trainer", time.time())]}
 
 
 def run_training(spec, stage, datasets: dict, tokenizer_dir: str) -> dict:
