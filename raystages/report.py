@@ -90,7 +90,7 @@ def rm_scores(rm_export: str, prompts: list[str], replies: list[str]) -> list[fl
     from transformers import AutoModelForSequenceClassification
 
     from raystages.models import load_tokenizer
-    from raystages.serve.scorer import scoring_ids
+    from raystages.data.preference import scoring_ids
 
     tok = load_tokenizer(rm_export)
     model = AutoModelForSequenceClassification.from_pretrained(rm_export, use_safetensors=True).eval()

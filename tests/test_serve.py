@@ -183,16 +183,16 @@ def test_sampling_parameters(app, client):
 def test_score_equals_transformers(app, reward_checkpoint):
     from concurrent.futures import ThreadPoolExecutor
 
+    from raystages.data.preference import scoring_side
     from raystages.models import load_tokenizer
-    from raystages.serve.scorer import scoring_messages
 
     tok = load_tokenizer(str(reward_checkpoint))
     prompt = "abc"
     responses = ["cba", "xyz", "a much longer reply than the others", [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
-    assert tok.apply_chat_template(scoring_messages(prompt, "cba"), tokenize=False) == \
+    assert tok.apply_chat_template(scoring_side(prompt, "cba"), tokenize=False) == \
         "<|user|>\nabc<|end|>\n<|assistant|> cba<|end|>\n"
-    texts = [tok.apply_chat_template(scoring_messages(prompt, r), tokenize=False) for r in responses]
+    texts = [tok.apply_chat_template(scoring_side(prompt, r), tokenize=False) for r in responses]
     want = transformers_scores(reward_checkpoint, texts)
     r = post(app[0], "score", {"model": "reward", "prompt": prompt, "responses": responses}, HDR)
     assert r.status_code == 200, r.text
@@ -209,7 +209,7 @@ def test_score_equals_transformers(app, reward_checkpoint):
     # Concurrent requests share batches (padded together): same scores as alone.
     singles = [[f"{chr(97 + i % 26)}" * (1 + i % 7)] for i in range(24)]
     want_each = transformers_scores(reward_checkpoint, [
-        tok.apply_chat_template(scoring_messages(prompt, s[0]), tokenize=False) for s in singles])
+        tok.apply_chat_template(scoring_side(prompt, s[0]), tokenize=False) for s in singles])
     with ThreadPoolExecutor(12) as pool:
         outs = list(pool.map(lambda s: post(app[0], "score", {"prompt": prompt, "responses": s}, HDR).json(), singles))
     assert [o["data"][0]["score"] for o in outs] == pytest.approx(want_each, abs=1e-4)

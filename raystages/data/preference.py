@@ -79,8 +79,25 @@ def pair_of(row: object, fields) -> tuple[list[dict] | str, list[dict] | str, fl
 
 
 def tokenize_side(tokenizer, side: list[dict] | str) -> list[int]:
+    """The token ids a reward model scores for one side: the conversation through the chat
+    template, or raw text as it is. The one layout of training, RL, serving and reports."""
     text = side if isinstance(side, str) else render(tokenizer, side)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def scoring_side(prompt: str | None, response: str | list[dict]) -> list[dict] | str:
+    """``response`` to ``prompt`` as a side of a pair: a string response is one assistant
+    turn after the user's ``prompt`` (raw text when there is no prompt); a message list is
+    the conversation itself, after ``prompt`` as a user turn when one is given."""
+    head = [{"role": "user", "content": prompt}] if prompt is not None else []
+    if isinstance(response, str):
+        return head + [{"role": "assistant", "content": response}] if head else response
+    return head + list(response)
+
+
+def scoring_ids(tokenizer, prompt: str | None, response: str | list[dict]) -> list[int]:
+    """Token ids a reward model scores for ``response`` to ``prompt`` (see scoring_side)."""
+    return tokenize_side(tokenizer, scoring_side(prompt, response))
 
 
 def rm_converter(fields, tokenizer, max_len: int) -> Callable[[object], dict]:

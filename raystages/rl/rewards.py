@@ -121,10 +121,11 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def score_texts(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """Score ``(prompt, response)`` pairs re-encoded with the RM's own chat template."""
-        seqs = [self.tok.apply_chat_template(
-            [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=True,
-            return_dict=True)["input_ids"] for p, r in zip(prompts, responses)]
+        """Score ``(prompt, response)`` pairs re-encoded with the RM's own chat template, laid
+        out as the RM stage trained on them."""
+        from raystages.data.preference import scoring_ids
+
+        seqs = [scoring_ids(self.tok, p, r) for p, r in zip(prompts, responses)]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)

@@ -1,10 +1,11 @@
 """Reward-model scoring as a Ray Serve deployment, batched across requests.
 
 A reward checkpoint is a ``*ForSequenceClassification`` with one label: the score of a
-conversation is the logit at its last token. Inputs are laid out as the RM stage lays out
-its preference pairs (``raystages.data.preference``): ``(prompt, response)`` through the
-checkpoint's chat template as a user turn and an assistant turn, a message list as that
-conversation, and a bare string without a prompt as raw text.
+conversation is the logit at its last token. Inputs are laid out by the same function the
+RM stage lays out its preference pairs with (``raystages.data.preference.scoring_ids``):
+``(prompt, response)`` through the checkpoint's chat template as a user turn and an
+assistant turn, a message list as that conversation, and a bare string without a prompt as
+raw text.
 """
 
 from __future__ import annotations
@@ -13,25 +14,23 @@ import asyncio
 
 from ray import serve
 
-
-def scoring_messages(prompt: str | None, response: str | list[dict]) -> list[dict]:
-    """The conversation scored for ``response`` to ``prompt``: a string response is one
-    assistant turn after the user's ``prompt``; a message list is the conversation itself,
-    after ``prompt`` as a user turn when one is given."""
-    head = [{"role": "user", "content": prompt}] if prompt is not None else []
-    if isinstance(response, str):
-        return head + [{"role": "assistant", "content": response}]
-    return head + list(response)
+from raystages.data.preference import scoring_ids
 
 
-def scoring_ids(tokenizer, prompt: str | None, response) -> list[int]:
-    """Token ids scored: :func:`scoring_messages` through the chat template (no generation
-    prompt), or the raw text of a string response sent without a prompt."""
-    if prompt is None and isinstance(response, str):
-        text = response
-    else:
-        text = tokenizer.apply_chat_template(scoring_messages(prompt, response), tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def score_padded(model, seqs: list[list[int]], pad_id: int, device="cpu") -> list[float]:
+    """One forward over right-padded sequences: ``(B, max_len)`` ids -> ``(B,)`` scores, the
+    logit at each sequence's last real token (found from ``pad_token_id``)."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, 1)
+    return logits[:, 0].tolist()
 
 
 class RewardScorer:
@@ -77,20 +76,7 @@ class RewardScorer:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _forward(self, batch: list[list[int]]) -> list[float]:
-        """One forward over right-padded sequences: ``(batch, max_len)`` ids -> ``(batch,)``
-        scores, the logit at each sequence's last real token (found from ``pad_token_id``)."""
-        import torch
-
-        width = max(len(s) for s in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        with torch.no_grad():
-            logits = self.model(input_ids=ids.to(self.device),
-                                attention_mask=mask.to(self.device)).logits  # (batch, 1)
-        return logits[:, 0].tolist()
+        return score_padded(self.model, batch, self.pad, self.device)
 
     def check_health(self):
         pass
