@@ -91,6 +91,12 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, runs_dir):
     thread = threading.Thread(target=lambda: out.setdefault("result", pretrain.run(spec)))
     thread.start()
     _wait_for_registered_checkpoint(spec.run_dir())
+    # Kill once a step past the last checkpoint is logged (not at a checkpoint boundary), so
+    # the restart must log some steps again however slowly the machine runs.
+    deadline = time.time() + 300
+    while (last := max((m["step"] for m in _metrics(spec.run_dir())), default=0)) <= 40 or last % 40 == 0:
+        assert time.time() < deadline, "no step logged after the first checkpoint"
+        time.sleep(0.1)
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     os.kill(workers[0].pid, signal.SIGKILL)
     thread.join(timeout=600)
