@@ -173,23 +173,15 @@ def with_reference_logps(spec, tokenizer_dir: str, arrays: dict, split: str) -> 
 
 
 def run(spec) -> "StageResult":
-    from raystages.data.chat import load_split, skip_reasons
+    from raystages.data.chat import skip_reasons
     from raystages.data.preference import dpo_converter, pad_pairs
-    from raystages.data.tokenizer import prepare_tokenizer
-    from raystages.models import load_tokenizer
-    from raystages.stages.sft import check_parent, check_sizes, ray_dataset, task_accuracy, task_eval_prompts
-    from raystages.task.splits import preference_rows
-    from raystages.train.runner import (EXPORT_DIR, StageResult, connect_ray, run_training,
-                                        save_run_spec, write_lineage)
+    from raystages.stages.rm import preference_split
+    from raystages.stages.sft import ray_dataset, task_accuracy, task_eval_prompts
+    from raystages.train.runner import EXPORT_DIR, connect_ray, finish_stage, run_training
 
     started = time.time()
-    parent = check_parent(spec)
-    save_run_spec(spec)
-    tokenizer_dir = prepare_tokenizer(spec, [])
-    tok = load_tokenizer(tokenizer_dir)
-    convert = dpo_converter(spec.dpo.fields, tok, spec.optim.seq_len)
-    train, val, skipped = load_split(spec.data, convert, preference_rows)
-    check_sizes(spec, len(train), len(val), "pairs")
+    parent, tokenizer_dir, tok, train, val, skipped = preference_split(
+        spec, lambda tok: dpo_converter(spec.dpo.fields, tok, spec.optim.seq_len))
     builtin = spec.data.source == "builtin" and spec.dpo.eval_prompts > 0
     if builtin:
         prompts = task_eval_prompts(spec.data, spec.dpo.eval_prompts)
@@ -209,9 +201,4 @@ def run(spec) -> "StageResult":
         acc_after, samples = task_accuracy(str(export), tokenizer_dir, prompts, spec.dpo.max_new_tokens)
         metrics.update(accuracy_before=acc_before, accuracy_after=acc_after, eval_prompts=len(prompts))
     metrics["wall_s"] = round(time.time() - started, 1)
-    write_lineage(spec, export, metrics, parent=parent)
-    samples = samples[: spec.run.samples]
-    summary = {"stage": "dpo", "export": str(export), "parent": parent, "metrics": metrics,
-               "skipped": skipped[:20], "samples": samples}
-    (spec.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return StageResult("dpo", spec.run_dir(), export, metrics | {"samples": samples})
+    return finish_stage(spec, export, metrics, parent, skipped, samples[: spec.run.samples])
