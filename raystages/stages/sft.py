@@ -25,17 +25,7 @@ class SftStage(Stage):
     throughput_unit = "sup-tok"  # supervised (answer) tokens
 
     def build_model(self, spec, tokenizer):
-        from raystages.models import build_causal_lm
-
-        model = build_causal_lm(spec.model, tokenizer, spec.run.seed)
-        lora = spec.sft.lora
-        if lora.enabled:
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(
-                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
-        return model
+        return build_policy(spec, tokenizer, spec.sft.lora)
 
     def count(self, batch):
         return int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -55,11 +45,29 @@ class SftStage(Stage):
         return masked_token_ce(logits, batch["labels"], normalizer), self.count(batch)
 
     def export(self, model, tokenizer, out_dir):
-        from raystages.models import export_hf
+        export_policy(model, tokenizer, out_dir)
 
-        if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
-            model = model.merge_and_unload()
-        export_hf(model, tokenizer, out_dir)
+
+def build_policy(spec, tokenizer, lora):
+    """The causal LM of ``spec.model``, with LoRA adapters when ``lora.enabled``."""
+    from raystages.models import build_causal_lm
+
+    model = build_causal_lm(spec.model, tokenizer, spec.run.seed)
+    if lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    return model
+
+
+def export_policy(model, tokenizer, out_dir: str) -> None:
+    from raystages.models import export_hf
+
+    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
+        model = model.merge_and_unload()
+    export_hf(model, tokenizer, out_dir)
 
 
 def check_parent(spec) -> str:
@@ -114,6 +122,15 @@ def greedy_chat_answers(checkpoint: str, tokenizer_dir: str, prompts: list[str],
     return outs
 
 
+def task_eval_prompts(data, n: int) -> list[str]:
+    """The built-in task's first ``n`` held-out chat prompts (the same for SFT and DPO, so a
+    child's ``accuracy_before`` is its parent's ``accuracy_after``)."""
+    from raystages.task.splits import sft_rows
+
+    b = data.builtin
+    return [r["messages"][0]["content"] for r in sft_rows("val", n, b.seed, min_len=b.min_len, max_len=b.max_len)]
+
+
 def task_accuracy(checkpoint: str, tokenizer_dir: str, prompts: list[str], max_new_tokens: int):
     """(exact-match accuracy against the oracle, per-prompt samples) on the built-in task."""
     from raystages.task import is_correct, reward
@@ -149,9 +166,7 @@ def run(spec) -> "StageResult":
         train_arrays = pad_examples(train, tok.pad_token_id)
     builtin = spec.data.source == "builtin" and spec.sft.eval_prompts > 0
     if builtin:
-        b = spec.data.builtin
-        prompts = [r["messages"][0]["content"] for r in sft_rows(
-            "val", spec.sft.eval_prompts, b.seed, min_len=b.min_len, max_len=b.max_len)]
+        prompts = task_eval_prompts(spec.data, spec.sft.eval_prompts)
         acc_before, _ = task_accuracy(parent, tokenizer_dir, prompts, spec.sft.max_new_tokens)
 
     connect_ray()
