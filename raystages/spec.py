@@ -26,7 +26,7 @@ class Section(BaseModel):
 
 
 class ModelSpec(Section):
-    preset: str | None = Field("tiny", description="Built-in Llama preset (nano, tiny, small, llama-1b, llama-7b); ignored when `path` is set.")
+    preset: str | None = Field("tiny", description="Built-in preset: Llama (nano, tiny, small, llama-1b, llama-7b) or BERT encoder (bert-nano, bert-tiny, bert-small); ignored when `path` is set.")
     path: str | None = Field(None, description="Hugging Face checkpoint dir or hub id to start from.")
     config_overrides: dict[str, Any] = Field(default_factory=dict, description="Fields set on the model config, e.g. {num_hidden_layers: 2}.")
     trust_remote_code: bool = Field(False, description="Allow code shipped with a checkpoint to run. Off: loading stays safe.")
@@ -169,10 +169,39 @@ class StageSpec(Section):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class MlmSpec(Section):
+    mask_prob: float = Field(0.15, gt=0, lt=1, description="Share of each block's non-special tokens chosen for prediction (at least one per block).")
+    mask_token_frac: float = Field(0.8, ge=0, le=1, description="Of the chosen tokens, the share replaced by [MASK].")
+    random_token_frac: float = Field(0.1, ge=0, le=1, description="Of the chosen tokens, the share replaced by a random token; the rest stay as they are.")
+    whole_word: bool = Field(False, description="Choose whole words: all WordPiece pieces (`##x`) of a chosen word are masked together.")
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.mask_token_frac + self.random_token_frac > 1:
+            raise ValueError("mask_token_frac + random_token_frac must be <= 1")
+        return self
+
+
 class PretrainSpec(StageSpec):
-    """Pretraining: a causal LM on packed blocks of unlabelled text."""
+    """Pretraining: a causal LM, or a masked-LM encoder, on packed blocks of unlabelled text."""
 
     stage: Literal["pretrain"] = "pretrain"
+    objective: Literal["causal", "mlm"] = Field("causal", description="`causal`: next-token prediction (Llama presets); `mlm`: masked-LM, BERT-style (bert-* presets or an encoder checkpoint).")
+    mlm: MlmSpec = Field(default_factory=MlmSpec)
+
+    @model_validator(mode="after")
+    def _objective_fits_model(self):
+        from raystages.models import is_encoder_preset
+
+        if self.model.path:
+            return self
+        encoder = is_encoder_preset(self.model.preset)
+        if encoder and self.objective == "causal":
+            raise ValueError(f"model.preset {self.model.preset!r} is an encoder: set objective=mlm")
+        if not encoder and self.objective == "mlm":
+            raise ValueError(f"objective mlm needs an encoder: set model.preset to bert-nano, bert-tiny "
+                             f"or bert-small (got {self.model.preset!r}), or model.path to an encoder checkpoint")
+        return self
 
 
 SPECS: dict[str, type[StageSpec]] = {"pretrain": PretrainSpec}
