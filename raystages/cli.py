@@ -23,6 +23,8 @@ def _print_result(result) -> None:
         if key in m:
             v = m[key]
             print(f"  {key:<14} {v:.4g}" if isinstance(v, float) else f"  {key:<14} {v}")
+    for key in (k for k in m if k.startswith("held_out_")):  # task heads' final scores
+        print(f"  {key:<24} {m[key]:.4g}")
     for s in m.get("samples", []):
         print(f"  sample: {s['prompt']!r} -> {s['completion']!r}"
               + (f"  (oracle reward {s['oracle_reward']:.2f})" if "oracle_reward" in s else ""))

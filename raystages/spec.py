@@ -295,7 +295,36 @@ class LoraSpec(Section):
                                       description="Module names that get adapters.")
 
 
+class HeadSpec(Section):
+    text_field: str = Field("text", description="classification: the text of a row.")
+    text_pair_field: str | None = Field(None, description="classification: an optional second text, encoded as a pair ([CLS] a [SEP] b [SEP]).")
+    label_field: str = Field("label", description="classification: the label, a name or an int id.")
+    tokens_field: str = Field("tokens", description="token_classification: the list of words.")
+    tags_field: str = Field("tags", description="token_classification: one BIO tag (name or int id) per word.")
+    labels: list[str] | None = Field(None, description="Label names in id order. Default: from the data (int ids: 0..max; names: sorted, `O` first).")
+    num_labels: int | None = Field(None, ge=2, description="Expected number of labels: an error before training if the data has another number.")
+    class_weights: Literal["none", "balanced"] | list[float] = Field("none", description="Loss weight per label: `balanced` = n / (num_labels * count), or one number per label.")
+
+    @model_validator(mode="after")
+    def _labels(self):
+        if self.labels is not None:
+            if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
+                raise ValueError("labels: need two or more distinct names")
+            if self.num_labels is not None and self.num_labels != len(self.labels):
+                raise ValueError(f"num_labels {self.num_labels} but {len(self.labels)} labels are named")
+        if isinstance(self.class_weights, list):
+            if any(w < 0 for w in self.class_weights) or not any(self.class_weights):
+                raise ValueError("class_weights: non-negative numbers, not all 0")
+            known = self.num_labels or (len(self.labels) if self.labels else None)
+            if known is not None and len(self.class_weights) != known:
+                raise ValueError(f"class_weights has {len(self.class_weights)} numbers for {known} labels")
+        return self
+
+
 class SftSection(Section):
+    task: Literal["chat", "classification", "token_classification"] = Field(
+        "chat", description="`chat`: loss on answer tokens; `classification` / `token_classification`: a new head on the body (see `sft.head`).")
+    head: HeadSpec = Field(default_factory=HeadSpec, description="Task-head fields, labels and class weights.")
     fields: ChatFieldsSpec = Field(default_factory=ChatFieldsSpec)
     packing: bool = Field(False, description="Several examples per optim.seq_len block (no attention across them); off: one padded example per row.")
     truncate: bool = Field(False, description="Cut examples longer than optim.seq_len instead of skipping them (still skipped if no answer token is left).")
@@ -314,6 +343,8 @@ class SftSpec(StageSpec):
     def _needs_checkpoint(self):
         if not self.model.path:
             raise ValueError("model.path: SFT starts from a checkpoint (e.g. runs/pretrain/model); set model.path")
+        if self.sft.task != "chat" and (self.sft.lora.enabled or self.sft.packing):
+            raise ValueError(f"sft.task {self.sft.task}: sft.lora and sft.packing are for chat SFT; turn them off")
         return self
 
 
