@@ -68,13 +68,28 @@ class MlmStage(Stage):
         return {"masked_accuracy": (hits[0] / hits[1].clamp(min=1)).item()}
 
 
-def masked_val_dataset(val_ds, masker, seed: int):
-    """The held-out blocks masked once: a Ray Dataset of ``input_ids`` and ``labels``."""
-    import numpy as np
+def mask_held_out(blocks, masker, seed: int) -> dict:
+    """The held-out blocks ``(N, T)`` masked once with a fixed seed: ``input_ids``, ``labels``."""
     import torch
+
+    inputs, labels = masker(torch.from_numpy(blocks), torch.Generator().manual_seed(seed + VAL_MASK_SEED))
+    return {"input_ids": inputs.numpy(), "labels": labels.numpy()}
+
+
+def majority_baseline(labels) -> float:
+    """Accuracy of always guessing the most frequent masked token: the best any predictor
+    that ignores the context can do, so the floor a masked LM must clear to have learned."""
+    import numpy as np
+
+    masked = labels[labels != IGNORE]
+    return float(np.bincount(masked).max() / len(masked)) if len(masked) else 0.0
+
+
+def masked_val_dataset(val_ds, masker, seed: int):
+    """``(Ray Dataset of the masked held-out blocks, their majority baseline)``."""
+    import numpy as np
 
     from raystages.stages.sft import ray_dataset
 
-    blocks = np.stack([row["input_ids"] for row in val_ds.take_all()])
-    inputs, labels = masker(torch.from_numpy(blocks), torch.Generator().manual_seed(seed + VAL_MASK_SEED))
-    return ray_dataset({"input_ids": inputs.numpy(), "labels": labels.numpy()}, None)
+    arrays = mask_held_out(np.stack([row["input_ids"] for row in val_ds.take_all()]), masker, seed)
+    return ray_dataset(arrays, None), majority_baseline(arrays["labels"])

@@ -82,11 +82,14 @@ def run(spec) -> "StageResult":
         if ds.count() < spec.scaling.num_workers:
             raise ValueError(f"{name}: only {ds.count()} blocks of {spec.optim.seq_len} tokens; "
                              f"need at least {spec.scaling.num_workers} (ideally {need}): add data or lower optim.seq_len")
+    baseline = {}
     if spec.objective == "mlm":
         from raystages.stages.mlm import masked_val_dataset
 
-        val_ds = masked_val_dataset(val_ds, stage.masker, spec.run.seed)
+        val_ds, majority = masked_val_dataset(val_ds, stage.masker, spec.run.seed)
+        baseline = {"val_masked_majority_baseline": majority}
     metrics = run_training(spec, stage, {"train": train_ds, "val": val_ds}, tokenizer_dir)
+    metrics.update(baseline)
     metrics["skipped_rows"] = len(skipped)
     metrics["wall_s"] = round(time.time() - started, 1)
     export = spec.run_dir() / EXPORT_DIR
