@@ -194,39 +194,38 @@ def end_token_ids(tokenizer) -> list[int]:
 
 def build_causal_lm(model_spec, tokenizer, seed: int):
     """A causal LM from a preset (fresh weights, seeded) or a checkpoint dir / hub id."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    if model_spec.path:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_spec.path, use_safetensors=True, dtype=torch.float32,
-            trust_remote_code=model_spec.trust_remote_code, **model_spec.config_overrides)
-    else:
-        torch.manual_seed(seed)
-        config = preset_config(model_spec.preset, len(tokenizer), model_spec.config_overrides)
-        config.pad_token_id = tokenizer.pad_token_id
+    def configure(config):
         config.eos_token_id = end_token_ids(tokenizer)
         config.bos_token_id = None
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    return model
+
+    return _build_model(AutoModelForCausalLM, model_spec, tokenizer, seed, configure)
 
 
 def build_masked_lm(model_spec, tokenizer, seed: int):
     """A masked LM from a ``bert-*`` preset (fresh weights, seeded) or an encoder checkpoint."""
-    import torch
     from transformers import AutoModelForMaskedLM
 
+    return _build_model(AutoModelForMaskedLM, model_spec, tokenizer, seed, lambda config: None)
+
+
+def _build_model(auto_cls, model_spec, tokenizer, seed: int, configure):
+    """``auto_cls`` from ``model_spec.path``, or from its preset's config with fresh seeded
+    weights (``configure`` sets the config's special-token ids); embeddings grown to the
+    tokenizer."""
+    import torch
+
     if model_spec.path:
-        model = AutoModelForMaskedLM.from_pretrained(
+        model = auto_cls.from_pretrained(
             model_spec.path, use_safetensors=True, dtype=torch.float32,
             trust_remote_code=model_spec.trust_remote_code, **model_spec.config_overrides)
     else:
         torch.manual_seed(seed)
         config = preset_config(model_spec.preset, len(tokenizer), model_spec.config_overrides)
         config.pad_token_id = tokenizer.pad_token_id
-        model = AutoModelForMaskedLM.from_config(config, dtype=torch.float32)
+        configure(config)
+        model = auto_cls.from_config(config, dtype=torch.float32)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model

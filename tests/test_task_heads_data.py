@@ -140,3 +140,18 @@ def test_a_head_on_a_causal_checkpoint_trains_and_exports_its_labels(tmp_path, r
     val = pad_labelled(encode(tok, split.val, task, 32), tok.pad_token_id)
     scores = score_export(str(tmp_path / "head"), val, task)
     assert set(scores) >= ({"accuracy", "macro_f1"} if task == "classification" else {"entity_f1"})
+
+
+def test_bench_baselines_memorisation_and_bag_of_words():
+    from raystages.bench.tasks import bag_of_words_accuracy, memorisation_f1
+
+    train = [{"tokens": ["Paris", "is", "nice"], "tags": ["B-loc", "O", "O"]},
+             {"tokens": ["Paris", "Hilton"], "tags": ["B-per", "I-per"]},
+             {"tokens": ["Paris"], "tags": ["B-loc"]}]
+    test = [{"tokens": ["Paris", "Hilton", "Rome"], "tags": ["B-per", "I-per", "B-loc"]}]
+    # Memorised: Paris -> B-loc (2 of 3), Hilton -> I-per, Rome unseen -> O. Predicted
+    # entities: (loc 0-0), (per 1-1); gold: (per 0-1), (loc 2-2): no match, F1 0.
+    assert memorisation_f1(train, test) == 0.0
+    assert memorisation_f1(train, [{"tokens": ["Paris", "is"], "tags": ["B-loc", "O"]}]) == 1.0
+    rows = [{"text": "good fine", "label": 1}, {"text": "bad awful", "label": 0}] * 10
+    assert bag_of_words_accuracy(rows, [{"text": "fine", "label": 1}, {"text": "awful", "label": 0}]) == 1.0

@@ -101,13 +101,14 @@ def label_ids(names: list[str]) -> Callable[[object], int]:
     return to_id
 
 
-def _map_labels(pair: tuple, to_id: Callable) -> tuple:
+def map_labels(pair: tuple, to_id: Callable) -> tuple:
+    """``(inputs, label or tags)`` with the label(s) turned into ids by ``to_id``."""
     inputs, label = pair
     return inputs, [to_id(v) for v in label] if isinstance(label, list) else to_id(label)
 
 
 def _with_ids(read: Callable, to_id: Callable) -> Callable:
-    return lambda row: _map_labels(read(row), to_id)
+    return lambda row: map_labels(read(row), to_id)
 
 
 @dataclass
@@ -133,8 +134,8 @@ def load_labelled(data, head, task: str, builtin_rows: Callable) -> LabelledSpli
         val, s2 = convert_items(builtin_rows("val", b.num_val, **kw), read, data.on_bad_row, "builtin:val")
         names = label_names(train, head, task)
         to_id = label_ids(names)
-        val, s3 = convert_items(val, lambda pair: _map_labels(pair, to_id), data.on_bad_row, "builtin:val")
-        train, s4 = convert_items(train, lambda pair: _map_labels(pair, to_id), data.on_bad_row, "builtin:train")
+        val, s3 = convert_items(val, lambda pair: map_labels(pair, to_id), data.on_bad_row, "builtin:val")
+        train, s4 = convert_items(train, lambda pair: map_labels(pair, to_id), data.on_bad_row, "builtin:train")
         return _checked(LabelledSplit(train, val, names, s1 + s2 + s3 + s4), head, task)
     fixed = head.labels is not None
     read_train = _with_ids(read, label_ids(list(head.labels))) if fixed else read
@@ -143,7 +144,7 @@ def load_labelled(data, head, task: str, builtin_rows: Callable) -> LabelledSpli
     names = list(head.labels) if fixed else label_names(rows, head, task)
     to_id = label_ids(names)
     if not fixed:
-        rows = [_map_labels(p, to_id) for p in rows]
+        rows = [map_labels(p, to_id) for p in rows]
     if data.val_source:
         val = read_rows(data.val_source, _with_ids(read, to_id), data.on_bad_row, data.max_rows, data.hub_split)
         return _checked(LabelledSplit(rows, val.rows, names, skipped + val.skipped), head, task)

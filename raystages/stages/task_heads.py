@@ -141,6 +141,24 @@ def score_export(export_dir: str, arrays: dict, task: str, batch_size: int = 64)
     return head_metrics(task, counts, names)
 
 
+def score_source(export_dir: str, spec, source: str) -> dict[str, float]:
+    """The metrics of an exported head on another labelled file (a test split), its rows
+    read with ``spec``'s fields and mapped to the export's own ``id2label``."""
+    from transformers import AutoConfig
+
+    from raystages.data.labelled import encode, label_ids, map_labels, pad_labelled, row_reader
+    from raystages.data.sources import read_rows
+    from raystages.models import load_tokenizer
+
+    config = AutoConfig.from_pretrained(export_dir)
+    to_id = label_ids([config.id2label[i] for i in range(config.num_labels)])
+    read = row_reader(spec.sft.task, spec.sft.head)
+    rows = read_rows(source, lambda row: map_labels(read(row), to_id), spec.data.on_bad_row).rows
+    tok = load_tokenizer(export_dir)
+    arrays = pad_labelled(encode(tok, rows, spec.sft.task, spec.optim.seq_len), tok.pad_token_id)
+    return score_export(export_dir, arrays, spec.sft.task) | {"examples": len(rows)}
+
+
 def run(spec) -> "StageResult":
     from raystages.data.chat import skip_reasons
     from raystages.data.labelled import class_weights, encode, load_labelled, pad_labelled
