@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from raystages.data.labelled import first_piece_labels
 from raystages.stages.task_metrics import (bio_entities, classification_metrics, confusion,
-                                           entity_counts, first_piece_labels, precision_recall_f1)
+                                           entity_counts, precision_recall_f1)
 
 X = -100
 

@@ -1,4 +1,5 @@
-"""Labelled rows for the task heads: reading, the label set, tokens with aligned labels.
+"""Labelled rows for the task heads: reading, the label set, tokens with aligned labels
+(a word's tag on its first piece, ``-100`` on its other pieces), BIO tag names checked.
 
 Two row schemas, field names from ``sft.head``::
 
@@ -21,7 +22,27 @@ import numpy as np
 from raystages.data.chat import convert_items
 from raystages.data.sources import DataError, read_rows
 from raystages.stages.losses import IGNORE
-from raystages.stages.task_metrics import first_piece_labels, split_tag
+
+
+def first_piece_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
+    """One label per piece: the label of its word on the word's first piece, ``IGNORE`` on
+    the word's other pieces and on special tokens (``word_ids`` entry None), as
+    ``tokenizer(words, is_split_into_words=True).word_ids()`` gives them."""
+    out, previous = [], None
+    for w in word_ids:
+        out.append(word_labels[w] if w is not None and w != previous else IGNORE)
+        previous = w
+    return out
+
+
+def split_tag(tag: str) -> tuple[str, str]:
+    """``("B" | "I" | "O", type)`` of a BIO tag; ValueError if it is not one."""
+    if tag == "O":
+        return "O", ""
+    prefix, _, kind = tag.partition("-")
+    if prefix not in ("B", "I") or not kind:
+        raise ValueError(f"tag {tag!r} is not BIO (O, B-TYPE or I-TYPE)")
+    return prefix, kind
 
 
 def _label_value(value: object, name: str) -> str | int:

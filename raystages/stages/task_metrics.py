@@ -1,5 +1,5 @@
 """Metrics of the task heads, as pure functions: accuracy and macro-F1 of a classifier,
-entity-level precision/recall/F1 of a BIO tagger, and word-to-piece label alignment.
+entity-level precision/recall/F1 of a BIO tagger.
 
 Entity spans follow ``seqeval``'s default (conlleval) reading of BIO tags: an ``I-X`` that
 does not continue an ``X`` entity (after ``O``, after another type, at the start) opens a
@@ -8,28 +8,7 @@ new one, and an entity is right only if its type, first and last word all match.
 
 from __future__ import annotations
 
-from raystages.stages.losses import IGNORE
-
-
-def first_piece_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
-    """One label per piece: the label of its word on the word's first piece, ``IGNORE`` on
-    the word's other pieces and on special tokens (``word_ids`` entry None), as
-    ``tokenizer(words, is_split_into_words=True).word_ids()`` gives them."""
-    out, previous = [], None
-    for w in word_ids:
-        out.append(word_labels[w] if w is not None and w != previous else IGNORE)
-        previous = w
-    return out
-
-
-def split_tag(tag: str) -> tuple[str, str]:
-    """``("B" | "I" | "O", type)`` of a BIO tag; ValueError if it is not one."""
-    if tag == "O":
-        return "O", ""
-    prefix, _, kind = tag.partition("-")
-    if prefix not in ("B", "I") or not kind:
-        raise ValueError(f"tag {tag!r} is not BIO (O, B-TYPE or I-TYPE)")
-    return prefix, kind
+from raystages.data.labelled import split_tag
 
 
 def bio_entities(tags: list[str]) -> list[tuple[str, int, int]]:
