@@ -23,7 +23,7 @@ import numpy as np
 
 from raystages.data.chat import _turns, check_messages, render, tokenize_conversation
 from raystages.data.sources import DataError
-from raystages.stages.losses import IGNORE
+from raystages.data import IGNORE
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 

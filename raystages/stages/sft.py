@@ -9,6 +9,8 @@ per row, or packed several per block (``sft.packing``) without attention between
 Ray Train + DeepSpeed fine-tune all weights or LoRA adapters (``sft.lora``, merged into
 the export). On the built-in task the driver then answers held-out prompts greedily with
 both the parent checkpoint and the export and reports exact-match accuracy of each.
+``sft.task: classification | token_classification`` trains a new head instead: see
+:mod:`raystages.stages.task_heads`.
 """
 
 from __future__ import annotations
@@ -142,6 +144,10 @@ def task_accuracy(checkpoint: str, tokenizer_dir: str, prompts: list[str], max_n
 
 
 def run(spec) -> "StageResult":
+    if spec.sft.task != "chat":  # a new output layer instead of the LM head
+        from raystages.stages import task_heads
+
+        return task_heads.run(spec)
     from raystages.data.chat import load_split, pack_examples, pad_examples, sft_converter, skip_reasons
     from raystages.data.tokenizer import prepare_tokenizer
     from raystages.models import load_tokenizer
