@@ -72,7 +72,7 @@ def plots(root: Path, stages: list[str]) -> list[str]:
 def answers(exports: dict[str, str], prompts: list[str], max_new_tokens: int) -> dict[str, list[str]]:
     """Greedy answers per model: the pretrained model completes ``prompt =`` as in its
     corpus; the SFT and RL models answer the prompt as a chat turn."""
-    from raystages.serve.hf_generate import greedy_complete
+    from raystages.generate import greedy_complete
 
     out = {}
     for name, path in exports.items():

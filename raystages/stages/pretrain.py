@@ -112,7 +112,7 @@ def sample_texts(export_dir, spec, val_texts: list[str]) -> list[dict]:
     if spec.run.samples == 0 or spec.objective == "mlm":
         return []
     from raystages.models import load_tokenizer
-    from raystages.serve.hf_generate import greedy_complete
+    from raystages.generate import greedy_complete
 
     if spec.data.source == "builtin":
         from raystages.task import reward

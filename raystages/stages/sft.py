@@ -101,29 +101,6 @@ def check_sizes(spec, n_train: int, n_val: int, what: str) -> None:
         raise DataError(f"held-out data: {n_val} {what}, fewer than scaling.num_workers; add data or raise data.val_fraction")
 
 
-def greedy_chat_answers(checkpoint: str, tokenizer_dir: str, prompts: list[str],
-                        max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy answers to ``prompts``, each sent as one user turn; batched with left padding."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from raystages.models import end_token_ids, load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, use_safetensors=True, dtype=torch.float32).eval()
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                     add_generation_prompt=True) for p in prompts]
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                 eos_token_id=end_token_ids(tok), pad_token_id=tok.pad_token_id)
-            outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return outs
-
-
 def task_eval_prompts(data, n: int) -> list[str]:
     """The built-in task's first ``n`` held-out chat prompts (the same for SFT and DPO, so a
     child's ``accuracy_before`` is its parent's ``accuracy_after``)."""
@@ -135,9 +112,11 @@ def task_eval_prompts(data, n: int) -> list[str]:
 
 def task_accuracy(checkpoint: str, tokenizer_dir: str, prompts: list[str], max_new_tokens: int):
     """(exact-match accuracy against the oracle, per-prompt samples) on the built-in task."""
+    from raystages.generate import greedy_complete
     from raystages.task import is_correct, reward
 
-    answers = greedy_chat_answers(checkpoint, tokenizer_dir, prompts, max_new_tokens)
+    answers = greedy_complete(checkpoint, prompts, max_new_tokens, chat=True, tokenizer_dir=tokenizer_dir,
+                              batch_size=64)
     samples = [{"prompt": p, "completion": a.strip(), "oracle_reward": reward(p, a)}
                for p, a in zip(prompts, answers)]
     return sum(is_correct(p, a) for p, a in zip(prompts, answers)) / len(prompts), samples
