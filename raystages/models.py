@@ -34,6 +34,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                      max_position_embeddings=4096),
 }
 
+# BERT encoder presets (BertConfig, not ModernBertConfig: absolute positions and plain
+# attention work the same on CPU and GPU with no flash-attention path, and every
+# AutoModelFor{MaskedLM,SequenceClassification,TokenClassification} head exists for it).
+# bert-tiny and bert-small are Google's compact BERTs (Turc et al. 2019: L=2/H=128 and
+# L=4/H=512); bert-nano halves bert-tiny's width for second-long tests. Head size 64.
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    "bert-nano": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=1, max_position_embeddings=256),
+    "bert-tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=2, max_position_embeddings=512),
+    "bert-small": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                       num_attention_heads=8, max_position_embeddings=512),
+}
+PRESETS.update(ENCODER_PRESETS)
+
 SPECIAL_TOKENS = {
     "eos": "<|endoftext|>",
     "pad": "<|pad|>",
@@ -57,13 +72,19 @@ CHAT_TEMPLATE = (
 )
 
 
+def is_encoder_preset(name: str | None) -> bool:
+    return name in ENCODER_PRESETS
+
+
 def preset_config(name: str, vocab_size: int, overrides: dict | None = None):
-    from transformers import LlamaConfig
+    """A LlamaConfig, or a BertConfig for the ``bert-*`` presets."""
+    from transformers import BertConfig, LlamaConfig
 
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     kwargs = {**PRESETS[name], **(overrides or {})}
-    return LlamaConfig(vocab_size=vocab_size, **kwargs)
+    config_cls = BertConfig if is_encoder_preset(name) else LlamaConfig
+    return config_cls(vocab_size=vocab_size, **kwargs)
 
 
 def context_length(preset: str | None, path: str | None, overrides: dict | None) -> int | None:
@@ -96,6 +117,34 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLik
         tokenizer_object=tok, eos_token=SPECIAL_TOKENS["eos"], bos_token=None,
         pad_token=SPECIAL_TOKENS["pad"], additional_special_tokens=SPECIAL_TOKENS["extra"])
     hf.chat_template = CHAT_TEMPLATE
+    _atomic_save(hf.save_pretrained, out_dir)
+    return hf
+
+
+ENCODER_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+                    "sep_token": "[SEP]", "mask_token": "[MASK]"}
+
+
+def train_wordpiece_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLike):
+    """Train a lower-casing WordPiece (BERT's scheme) on ``texts`` and save it as a Hugging
+    Face tokenizer: ``[CLS] text [SEP]`` (pairs ``[CLS] a [SEP] b [SEP]``), continuation
+    pieces prefixed ``##``. Deterministic for the same texts and vocab size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(ENCODER_SPECIALS.values())
+    tok = Tokenizer(models.WordPiece(unk_token=ENCODER_SPECIALS["unk_token"]))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                        show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, **ENCODER_SPECIALS)
     _atomic_save(hf.save_pretrained, out_dir)
     return hf
 
@@ -145,20 +194,38 @@ def end_token_ids(tokenizer) -> list[int]:
 
 def build_causal_lm(model_spec, tokenizer, seed: int):
     """A causal LM from a preset (fresh weights, seeded) or a checkpoint dir / hub id."""
-    import torch
     from transformers import AutoModelForCausalLM
 
+    def configure(config):
+        config.eos_token_id = end_token_ids(tokenizer)
+        config.bos_token_id = None
+
+    return _build_model(AutoModelForCausalLM, model_spec, tokenizer, seed, configure)
+
+
+def build_masked_lm(model_spec, tokenizer, seed: int):
+    """A masked LM from a ``bert-*`` preset (fresh weights, seeded) or an encoder checkpoint."""
+    from transformers import AutoModelForMaskedLM
+
+    return _build_model(AutoModelForMaskedLM, model_spec, tokenizer, seed, lambda config: None)
+
+
+def _build_model(auto_cls, model_spec, tokenizer, seed: int, configure):
+    """``auto_cls`` from ``model_spec.path``, or from its preset's config with fresh seeded
+    weights (``configure`` sets the config's special-token ids); embeddings grown to the
+    tokenizer."""
+    import torch
+
     if model_spec.path:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_cls.from_pretrained(
             model_spec.path, use_safetensors=True, dtype=torch.float32,
             trust_remote_code=model_spec.trust_remote_code, **model_spec.config_overrides)
     else:
         torch.manual_seed(seed)
         config = preset_config(model_spec.preset, len(tokenizer), model_spec.config_overrides)
         config.pad_token_id = tokenizer.pad_token_id
-        config.eos_token_id = end_token_ids(tokenizer)
-        config.bos_token_id = None
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        configure(config)
+        model = auto_cls.from_config(config, dtype=torch.float32)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model

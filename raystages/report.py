@@ -1,6 +1,6 @@
 """The pipeline's run report: ``report.md`` with per-stage results, PNG plots (loss curves,
 reward-model accuracy, RL reward and KL per iteration) and the same held-out prompts
-answered by the pretrained, SFT and RL models, each answer scored by the reward model and
+answered by the pretrained, SFT, DPO and RL models, each answer scored by the reward model and
 the task's oracle — the four-stage journey side by side."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-MODELS = ("pretrain", "sft", "rl")
+MODELS = ("pretrain", "sft", "dpo", "rl")
 
 
 def _metrics_log(run_dir: Path) -> list[dict]:
@@ -32,7 +32,7 @@ def plots(root: Path, stages: list[str]) -> list[str]:
         return []
     out = []
     curves = {s: _metrics_log(root / s) for s in stages}
-    train = [s for s in ("pretrain", "sft", "rm") if curves.get(s)]
+    train = [s for s in ("pretrain", "sft", "rm", "dpo") if curves.get(s)]
     if train:
         fig, axes = plt.subplots(1, len(train), figsize=(4.5 * len(train), 3.5), squeeze=False)
         for ax, s in zip(axes[0], train):
@@ -72,7 +72,7 @@ def plots(root: Path, stages: list[str]) -> list[str]:
 def answers(exports: dict[str, str], prompts: list[str], max_new_tokens: int) -> dict[str, list[str]]:
     """Greedy answers per model: the pretrained model completes ``prompt =`` as in its
     corpus; the SFT and RL models answer the prompt as a chat turn."""
-    from raystages.serve.hf_generate import greedy_complete
+    from raystages.generate import greedy_complete
 
     out = {}
     for name, path in exports.items():
@@ -109,7 +109,7 @@ def side_by_side(pipe, state: dict) -> tuple[str, dict]:
 
     exports = {m: state["stages"][m]["export"] for m in MODELS if m in state["stages"]}
     # The RL stage's task settings (seed, lengths): the prompts it was tuned and judged on.
-    task = (pipe.stages.get("rl") or pipe.stages.get("sft") or {}).get("data", {}).get("builtin", {})
+    task = (pipe.stages.get("rl") or pipe.stages.get("dpo") or pipe.stages.get("sft") or {}).get("data", {}).get("builtin", {})
     lengths = {k: task[k] for k in ("min_len", "max_len") if k in task}
     rows = rl_prompts("val", pipe.report.prompts, task.get("seed", 0), **lengths)
     prompts = [r["prompt"] for r in rows]
@@ -134,7 +134,8 @@ def write_report(pipe, state: dict) -> Path:
     stages = list(state["stages"])
     md = [f"# raystages pipeline `{pipe.name}`\n", f"Runs under `{root}`.\n", "## Stages\n",
           "| stage | status | wall s | key metrics | checkpoint |", "|---|---|---|---|---|"]
-    keys = ("val_loss", "accuracy_before", "accuracy_after", "pair_accuracy", "reward_before", "reward_after", "kl_ref")
+    keys = ("val_loss", "accuracy_before", "accuracy_after", "pair_accuracy", "val_reward_accuracy",
+            "reward_before", "reward_after", "kl_ref")
     for s in stages:
         st = state["stages"][s]
         m = st.get("metrics") or {}

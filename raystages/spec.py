@@ -26,7 +26,7 @@ class Section(BaseModel):
 
 
 class ModelSpec(Section):
-    preset: str | None = Field("tiny", description="Built-in Llama preset (nano, tiny, small, llama-1b, llama-7b); ignored when `path` is set.")
+    preset: str | None = Field("tiny", description="Built-in preset: Llama (nano, tiny, small, llama-1b, llama-7b) or BERT encoder (bert-nano, bert-tiny, bert-small); ignored when `path` is set.")
     path: str | None = Field(None, description="Hugging Face checkpoint dir or hub id to start from.")
     config_overrides: dict[str, Any] = Field(default_factory=dict, description="Fields set on the model config, e.g. {num_hidden_layers: 2}.")
     trust_remote_code: bool = Field(False, description="Allow code shipped with a checkpoint to run. Off: loading stays safe.")
@@ -160,10 +160,39 @@ class StageSpec(Section):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class MlmSpec(Section):
+    mask_prob: float = Field(0.15, gt=0, lt=1, description="Share of each block's non-special tokens chosen for prediction (at least one per block).")
+    mask_token_frac: float = Field(0.8, ge=0, le=1, description="Of the chosen tokens, the share replaced by [MASK].")
+    random_token_frac: float = Field(0.1, ge=0, le=1, description="Of the chosen tokens, the share replaced by a random token; the rest stay as they are.")
+    whole_word: bool = Field(False, description="Choose whole words: all WordPiece pieces (`##x`) of a chosen word are masked together.")
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.mask_token_frac + self.random_token_frac > 1:
+            raise ValueError("mask_token_frac + random_token_frac must be <= 1")
+        return self
+
+
 class PretrainSpec(StageSpec):
-    """Pretraining: a causal LM on packed blocks of unlabelled text."""
+    """Pretraining: a causal LM, or a masked-LM encoder, on packed blocks of unlabelled text."""
 
     stage: Literal["pretrain"] = "pretrain"
+    objective: Literal["causal", "mlm"] = Field("causal", description="`causal`: next-token prediction (Llama presets); `mlm`: masked-LM, BERT-style (bert-* presets or an encoder checkpoint).")
+    mlm: MlmSpec = Field(default_factory=MlmSpec)
+
+    @model_validator(mode="after")
+    def _objective_fits_model(self):
+        from raystages.models import is_encoder_preset
+
+        if self.model.path:
+            return self
+        encoder = is_encoder_preset(self.model.preset)
+        if encoder and self.objective == "causal":
+            raise ValueError(f"model.preset {self.model.preset!r} is an encoder: set objective=mlm")
+        if not encoder and self.objective == "mlm":
+            raise ValueError(f"objective mlm needs an encoder: set model.preset to bert-nano, bert-tiny "
+                             f"or bert-small (got {self.model.preset!r}), or model.path to an encoder checkpoint")
+        return self
 
 
 SPECS: dict[str, type[StageSpec]] = {"pretrain": PretrainSpec}
@@ -293,7 +322,36 @@ class LoraSpec(Section):
                                       description="Module names that get adapters.")
 
 
+class HeadSpec(Section):
+    text_field: str = Field("text", description="classification: the text of a row.")
+    text_pair_field: str | None = Field(None, description="classification: an optional second text, encoded as a pair ([CLS] a [SEP] b [SEP]).")
+    label_field: str = Field("label", description="classification: the label, a name or an int id.")
+    tokens_field: str = Field("tokens", description="token_classification: the list of words.")
+    tags_field: str = Field("tags", description="token_classification: one BIO tag (name or int id) per word.")
+    labels: list[str] | None = Field(None, description="Label names in id order. Default: from the data (int ids: 0..max; names: sorted, `O` first).")
+    num_labels: int | None = Field(None, ge=2, description="Expected number of labels: an error before training if the data has another number.")
+    class_weights: Literal["none", "balanced"] | list[float] = Field("none", description="Loss weight per label: `balanced` = n / (num_labels * count), or one number per label.")
+
+    @model_validator(mode="after")
+    def _labels(self):
+        if self.labels is not None:
+            if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
+                raise ValueError("labels: need two or more distinct names")
+            if self.num_labels is not None and self.num_labels != len(self.labels):
+                raise ValueError(f"num_labels {self.num_labels} but {len(self.labels)} labels are named")
+        if isinstance(self.class_weights, list):
+            if any(w < 0 for w in self.class_weights) or not any(self.class_weights):
+                raise ValueError("class_weights: non-negative numbers, not all 0")
+            known = self.num_labels or (len(self.labels) if self.labels else None)
+            if known is not None and len(self.class_weights) != known:
+                raise ValueError(f"class_weights has {len(self.class_weights)} numbers for {known} labels")
+        return self
+
+
 class SftSection(Section):
+    task: Literal["chat", "classification", "token_classification"] = Field(
+        "chat", description="`chat`: loss on answer tokens; `classification` / `token_classification`: a new head on the body (see `sft.head`).")
+    head: HeadSpec = Field(default_factory=HeadSpec, description="Task-head fields, labels and class weights.")
     fields: ChatFieldsSpec = Field(default_factory=ChatFieldsSpec)
     packing: bool = Field(False, description="Several examples per optim.seq_len block (no attention across them); off: one padded example per row.")
     truncate: bool = Field(False, description="Cut examples longer than optim.seq_len instead of skipping them (still skipped if no answer token is left).")
@@ -312,6 +370,8 @@ class SftSpec(StageSpec):
     def _needs_checkpoint(self):
         if not self.model.path:
             raise ValueError("model.path: SFT starts from a checkpoint (e.g. runs/pretrain/model); set model.path")
+        if self.sft.task != "chat" and (self.sft.lora.enabled or self.sft.packing):
+            raise ValueError(f"sft.task {self.sft.task}: sft.lora and sft.packing are for chat SFT; turn them off")
         return self
 
 
@@ -340,6 +400,54 @@ class RmSpec(StageSpec):
         return self
 
 
+class DpoSection(Section):
+    fields: PreferenceFieldsSpec = Field(default_factory=PreferenceFieldsSpec)
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
+        "sigmoid", description="`sigmoid`: DPO (cDPO with label_smoothing); `ipo`; `simpo` and `orpo`: reference-free.")
+    beta: float = Field(0.1, gt=0, description="DPO/IPO: strength of the pull to the reference (IPO's tau); SimPO: reward scale.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid only: assumed share of flipped labels (conservative DPO).")
+    simpo_gamma: float | None = Field(None, ge=0, description="simpo only, required there: target reward margin gamma.")
+    orpo_lambda: float = Field(0.1, gt=0, description="orpo only: weight of the odds-ratio term added to the chosen answer's NLL.")
+    rpo_alpha: float = Field(0.0, ge=0, description="sigmoid/ipo: weight of the chosen answer's mean NLL added to the loss (RPO, Pang et al. 2024; TRL's rpo_alpha); keeps DPO from lowering the chosen answer too.")
+    precompute_ref: bool = Field(False, description="sigmoid/ipo: score every pair with the reference once before training (cached in the run dir, reused on resume) instead of holding it on every worker.")
+    eval_prompts: int = Field(100, ge=0, description="Built-in task: held-out prompts answered greedily before and after the stage for exact-match accuracy.")
+    max_new_tokens: int = Field(24, ge=1, description="Token budget of those greedy answers.")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+
+    @model_validator(mode="after")
+    def _loss_options(self):
+        if self.loss == "simpo" and self.simpo_gamma is None:
+            raise ValueError("dpo.simpo_gamma: SimPO needs its target reward margin; set dpo.simpo_gamma (the paper uses 0.5-1.6 with beta 2-2.5)")
+        if self.loss != "simpo" and self.simpo_gamma is not None:
+            raise ValueError(f"dpo.simpo_gamma applies to dpo.loss=simpo only, not {self.loss!r}")
+        if self.loss != "sigmoid" and self.label_smoothing:
+            raise ValueError(f"dpo.label_smoothing applies to dpo.loss=sigmoid only, not {self.loss!r}")
+        if self.rpo_alpha and not self.needs_reference:
+            raise ValueError(f"dpo.rpo_alpha applies to dpo.loss=sigmoid or ipo, not {self.loss!r} (orpo has its own NLL term)")
+        if self.precompute_ref and not self.needs_reference:
+            raise ValueError(f"dpo.precompute_ref: dpo.loss={self.loss!r} uses no reference model")
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss in ("sigmoid", "ipo")
+
+
+class DpoSpec(StageSpec):
+    """Direct preference optimisation: a policy learns from preference pairs, no reward model, no RL."""
+
+    stage: Literal["dpo"] = "dpo"
+    dpo: DpoSection = Field(default_factory=DpoSection)
+
+    @model_validator(mode="after")
+    def _needs_checkpoint(self):
+        if not self.model.path:
+            raise ValueError("model.path: DPO starts from a checkpoint (e.g. runs/sft/model), which is also "
+                             "the frozen reference of the sigmoid and ipo losses; set model.path")
+        return self
+
+
 register("sft", SftSpec)
 register("rm", RmSpec)
+register("dpo", DpoSpec)
 

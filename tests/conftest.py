@@ -1,9 +1,9 @@
 """Shared fixtures. One Ray instance per test session; runs live under a session tmp dir.
 
 Checkpoints are built once per session and reused: ``random_checkpoint`` (an untrained tiny
-model with the built-in tokenizer: seconds) and ``pretrained_checkpoint`` (a real Ray Train
-pretraining run on the built-in corpus: about a minute), so stage tests start from what a
-user would have.
+model with the built-in tokenizer: seconds), ``pretrained_checkpoint`` (a real Ray Train
+pretraining run on the built-in corpus: about a minute) and ``sft_result`` (SFT from it),
+so stage tests start from what a user would have.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RAYSTAGES_SHARED_DATA", ROOT.parent / "shared" / "data"))
 # The CLI as a user runs it, from whatever interpreter runs the tests (no .venv path).
 CLI = [sys.executable, "-m", "raystages"]
+# The built-in task with 3-4 letter problems: a ~1M-parameter model learns it within a
+# minute of CPU, so the before/after gap is wide at fixed seeds.
+TASK = ["data.builtin.min_len=3", "data.builtin.max_len=4"]
 
 
 def shared_data(*parts: str) -> Path:
@@ -100,3 +103,16 @@ def pretrained_checkpoint(ray_session, runs_dir) -> Path:
         "optim.max_steps=500", "run.checkpoint_every=1000", "run.eval_every=100",
         "data.builtin.min_len=3", "data.builtin.max_len=4"])
     return pretrain.run(spec).export_dir
+
+
+@pytest.fixture(scope="session")
+def sft_result(pretrained_checkpoint, runs_dir):
+    """SFT of the pretrained checkpoint on the built-in task (jobs/sft.yaml, 400 steps): the
+    parent of the reward-model and DPO tests."""
+    from raystages.spec import load_spec
+    from raystages.stages import sft
+
+    spec = load_spec(ROOT / "jobs" / "sft.yaml", [
+        f"run.storage_path={runs_dir}", "run.name=test-sft", f"model.path={pretrained_checkpoint}",
+        *TASK, "logging.log_every=50", "run.eval_every=100", "run.checkpoint_every=1000"])
+    return sft.run(spec)

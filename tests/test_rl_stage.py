@@ -92,7 +92,7 @@ def _check_run(result, spec, policy: Path, min_gain: float) -> dict:
 
 @pytest.mark.slow
 def test_grpo_raises_the_oracle_reward_and_survives_a_killed_rollout_actor(ray_session, runs_dir, sft_policy, tmp_path):
-    from raystages.serve.hf_generate import greedy_complete
+    from raystages.generate import greedy_complete
     from raystages.stages import rl
 
     spec = _spec("grpo.yaml", runs_dir, "grpo-test", sft_policy, "algo.iterations=30", "algo.group_size=8",

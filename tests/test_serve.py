@@ -76,7 +76,7 @@ def test_completions_equal_transformers_greedy(app, client, pretrained_checkpoin
     import httpx
 
     from raystages.models import load_tokenizer
-    from raystages.serve.hf_generate import greedy_complete
+    from raystages.generate import greedy_complete
 
     prompts = task_prompts(5)
     expected = greedy_complete(str(pretrained_checkpoint), prompts, max_new_tokens=16)
@@ -98,7 +98,7 @@ def test_completions_equal_transformers_greedy(app, client, pretrained_checkpoin
 def test_chat_equals_transformers_greedy(app, client, pretrained_checkpoint):
     import httpx
 
-    from raystages.serve.hf_generate import greedy_complete
+    from raystages.generate import greedy_complete
 
     questions = [p.removesuffix(" =") for p in task_prompts(3)]
     expected = greedy_complete(str(pretrained_checkpoint), questions, max_new_tokens=12, chat=True)

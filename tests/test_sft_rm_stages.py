@@ -8,21 +8,7 @@ import json
 import pytest
 
 from raystages.spec import load_spec
-from tests.conftest import ROOT
-
-# The built-in task with 3-4 letter problems: a ~1M-parameter model learns it within a
-# minute of CPU, so the before/after gap is wide at fixed seeds.
-TASK = ["data.builtin.min_len=3", "data.builtin.max_len=4"]
-
-
-@pytest.fixture(scope="module")
-def sft_result(pretrained_checkpoint, runs_dir):
-    from raystages.stages import sft
-
-    spec = load_spec(ROOT / "jobs" / "sft.yaml", [
-        f"run.storage_path={runs_dir}", "run.name=test-sft", f"model.path={pretrained_checkpoint}",
-        *TASK, "logging.log_every=50", "run.eval_every=100", "run.checkpoint_every=1000"])
-    return sft.run(spec)
+from tests.conftest import ROOT, TASK
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ def test_every_job_spec_in_jobs_validates():
         else:
             assert raw.get("stage") in STAGES, path
             kinds.add(load_spec(path).stage)
-    assert kinds == {"pipeline", "tune", "serve", "pretrain", "sft", "rm", "rl"}
+    assert kinds == {"pipeline", "tune", "serve", "pretrain", "sft", "rm", "dpo", "rl"}
     gpu = load_pipeline(ROOT / "jobs" / "gpu-llama1b.yaml")
     assert all(gpu.stage_spec(s).scaling.use_gpu for s in gpu.stages)
     assert gpu.stage_spec("rl").rollout.engine == "vllm" and gpu.stage_spec("pretrain").model.preset == "llama-1b"

@@ -141,9 +141,12 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return full, spans
 
 
-def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of one conversation; labels are ``-100`` outside assistant spans."""
+def tokenize_conversation(tokenizer, messages: list[dict], last_turn_only: bool = False) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one conversation; labels are ``-100`` outside assistant spans
+    (outside the last assistant turn with ``last_turn_only``: the response a preference is about)."""
     full, spans = assistant_spans(tokenizer, messages)
+    if last_turn_only:
+        spans = spans[-1:]
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [t if any(s <= a < e for s, e in spans) else IGNORE

@@ -1,4 +1,4 @@
-"""Preference rows for the reward model: row schemas -> tokenized (chosen, rejected) pairs.
+"""Preference rows for the reward model and DPO: row schemas -> tokenized (chosen, rejected) pairs.
 
 Schemas (field names configurable in ``rm.fields``)::
 
@@ -21,8 +21,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from raystages.data.chat import _turns, check_messages, render
+from raystages.data.chat import _turns, check_messages, render, tokenize_conversation
 from raystages.data.sources import DataError
+from raystages.data import IGNORE
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
@@ -117,9 +118,42 @@ def rm_converter(fields, tokenizer, max_len: int) -> Callable[[object], dict]:
     return convert
 
 
+def dpo_converter(fields, tokenizer, max_len: int) -> Callable[[object], dict]:
+    """Row -> ``{"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "margin"}``:
+    the same pairs and bad-row rules as :func:`rm_converter`, with labels on the response
+    only: the last assistant turn of a conversation, or for raw text sides (implicit
+    prompts that are not HH text) what follows the two sides' common token prefix."""
+    def convert(row: object) -> dict:
+        chosen, rejected, margin = pair_of(row, fields)
+        out = {"margin": margin}
+        for name, side in (("chosen", chosen), ("rejected", rejected)):
+            if isinstance(side, str):
+                ids = tokenize_side(tokenizer, side)
+                labels = list(ids)
+            else:
+                ids, labels = tokenize_conversation(tokenizer, side, last_turn_only=True)
+            if len(ids) > max_len:
+                raise DataError(f"too long: {name} has {len(ids)} tokens > optim.seq_len {max_len}")
+            out[f"{name}_ids"], out[f"{name}_labels"] = ids, labels
+        if out["chosen_ids"] == out["rejected_ids"]:
+            raise DataError("chosen and rejected are identical after tokenization")
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            shared = next((i for i, (a, b) in enumerate(zip(out["chosen_ids"], out["rejected_ids"])) if a != b),
+                          min(len(out["chosen_ids"]), len(out["rejected_ids"])))
+            for name in ("chosen", "rejected"):
+                out[f"{name}_labels"][:shared] = [IGNORE] * shared
+        for name in ("chosen", "rejected"):
+            if all(t == IGNORE for t in out[f"{name}_labels"][1:]):
+                raise DataError(f"empty response: {name} has no token after the shared prompt")
+        return out
+    return convert
+
+
 def pad_pairs(pairs: list[dict], pad_id: int) -> dict[str, np.ndarray]:
     """Right-padded pairs: ``chosen_ids``/``rejected_ids`` ``(N, L)`` int64, their lengths
-    ``chosen_len``/``rejected_len`` ``(N,)`` and ``margin`` ``(N,)`` float32."""
+    ``chosen_len``/``rejected_len`` ``(N,)``, ``margin`` ``(N,)`` float32, and, for
+    :func:`dpo_converter`'s pairs, ``chosen_labels``/``rejected_labels`` ``(N, L)``
+    padded with ``IGNORE``."""
     width = max(max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs)
     out = {"margin": np.asarray([p["margin"] for p in pairs], dtype=np.float32)}
     for name in ("chosen", "rejected"):
@@ -127,5 +161,10 @@ def pad_pairs(pairs: list[dict], pad_id: int) -> dict[str, np.ndarray]:
         for i, p in enumerate(pairs):
             ids[i, :len(p[f"{name}_ids"])] = p[f"{name}_ids"]
         out[f"{name}_ids"] = ids
+        if f"{name}_labels" in pairs[0]:
+            labels = np.full((len(pairs), width), IGNORE, dtype=np.int64)
+            for i, p in enumerate(pairs):
+                labels[i, :len(p[f"{name}_labels"])] = p[f"{name}_labels"]
+            out[f"{name}_labels"] = labels
         out[f"{name}_len"] = np.asarray([len(p[f"{name}_ids"]) for p in pairs], dtype=np.int64)
     return out

@@ -11,10 +11,12 @@ def prepare_tokenizer(spec, training_texts: list[str]) -> str:
     """Write the run's tokenizer to ``run_dir/tokenizer`` and return that path.
 
     Priority: ``tokenizer.path``, then ``model.path`` (a checkpoint carries its tokenizer),
-    then a byte-level BPE trained on the first ``tokenizer.train_docs`` training texts.
+    then one trained on the first ``tokenizer.train_docs`` training texts: WordPiece for
+    the ``bert-*`` encoder presets, byte-level BPE for the causal ones.
     A rerun reuses the tokenizer already there, so a resumed run keeps its vocabulary.
     """
-    from raystages.models import load_tokenizer, train_tokenizer
+    from raystages.models import (is_encoder_preset, load_tokenizer, train_tokenizer,
+                                  train_wordpiece_tokenizer)
 
     out = spec.run_dir() / TOKENIZER_DIR
     if (out / "tokenizer_config.json").is_file():
@@ -25,5 +27,6 @@ def prepare_tokenizer(spec, training_texts: list[str]) -> str:
         out.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(out))
     else:
-        train_tokenizer(training_texts[: spec.tokenizer.train_docs], spec.tokenizer.vocab_size, out)
+        train = train_wordpiece_tokenizer if is_encoder_preset(spec.model.preset) else train_tokenizer
+        train(training_texts[: spec.tokenizer.train_docs], spec.tokenizer.vocab_size, out)
     return str(Path(out))

@@ -11,7 +11,7 @@
 Generation models run on vLLM through Ray Serve LLM (``LLMServer`` deployments behind our
 subclass of its ``OpenAiIngress``) when vLLM is installed, else on the transformers engine;
 reward models run on a batched scorer. Model ids come from each checkpoint's
-``lineage.json`` (``pretrain``, ``sft``, ``rl``; the ``rm`` stage is served as ``reward``)
+``lineage.json`` (``pretrain``, ``sft``, ``dpo``, ``rl``; the ``rm`` stage is served as ``reward``)
 or from ``name=path`` arguments.
 """
 

@@ -15,18 +15,27 @@ from torch import Tensor
 from raystages.data import IGNORE
 
 
-def token_ce_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token cross-entropy over supervised tokens, and how many there were.
+def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy of each labelled position, 0 where the label is ``IGNORE``.
 
-    ``logits``: ``(B, T, V)``; ``labels``: ``(B, T)``. Returns ``(sum, count)``, both 0-dim;
-    ``count`` is an integer tensor. Position 0 has no prediction, so ``labels[:, 0]`` is
-    never used. Computed in fp32 whatever the logits' dtype.
+    ``logits``: ``(B, T, V)``; ``labels``: ``(B, T)``; returns ``(B, T - 1)`` fp32: entry
+    ``t`` is ``-log p(labels[:, t + 1] | logits[:, t])``. Position 0 has no prediction, so
+    ``labels[:, 0]`` is never used. Computed in fp32 whatever the logits' dtype.
     """
     pred = logits[:, :-1].float()
     target = labels[:, 1:]
     losses = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
                              ignore_index=IGNORE, reduction="none")
-    return losses.sum(), (target != IGNORE).sum()
+    return losses.view(target.shape)
+
+
+def token_ce_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed next-token cross-entropy over supervised tokens, and how many there were.
+
+    ``logits``: ``(B, T, V)``; ``labels``: ``(B, T)``. Returns ``(sum, count)``, both 0-dim;
+    ``count`` is an integer tensor (see :func:`token_nll`).
+    """
+    return token_nll(logits, labels).sum(), (labels[:, 1:] != IGNORE).sum()
 
 
 def masked_token_ce(logits: Tensor, labels: Tensor, normalizer: float | Tensor | None = None) -> Tensor:

@@ -1,4 +1,5 @@
-"""Stage 1 — pretraining: a causal LM learns from unlabelled text.
+"""Stage 1 — pretraining: a causal LM (or, with ``objective: mlm``, a BERT-style encoder;
+see :mod:`raystages.stages.mlm`) learns from unlabelled text.
 
     raystages pretrain jobs/pretrain.yaml [optim.max_steps=500 scaling.num_workers=2 ...]
 
@@ -57,9 +58,9 @@ def load_texts(spec) -> tuple[list[str], list[str], list[str]]:
 
 def run(spec) -> "StageResult":
     from raystages.data.packing import packed_dataset
+    from raystages.data.tokenizer import prepare_tokenizer
     from raystages.preflight import preflight
     from raystages.train.console import mark
-    from raystages.data.tokenizer import prepare_tokenizer
     from raystages.train.runner import (EXPORT_DIR, StageResult, connect_ray, run_training,
                                         save_run_spec, write_lineage)
 
@@ -70,15 +71,30 @@ def run(spec) -> "StageResult":
     save_run_spec(spec)
     tokenizer_dir = prepare_tokenizer(spec, train_texts)
     mark("tokenizer")
+    stage = PretrainStage()
+    if spec.objective == "mlm":
+        from raystages.models import load_tokenizer
+        from raystages.stages.masking import masker_for
+        from raystages.stages.mlm import MlmStage
+
+        stage = MlmStage(masker_for(load_tokenizer(tokenizer_dir), spec.mlm), spec.run.seed)
     connect_ray()
-    train_ds = packed_dataset(train_texts, tokenizer_dir, spec.optim.seq_len, seed=spec.run.seed)
-    val_ds = packed_dataset(val_texts, tokenizer_dir, spec.optim.seq_len, seed=None)
+    train_ds = packed_dataset(train_texts, tokenizer_dir, spec.optim.seq_len, seed=spec.run.seed,
+                              objective=spec.objective)
+    val_ds = packed_dataset(val_texts, tokenizer_dir, spec.optim.seq_len, seed=None, objective=spec.objective)
     need = spec.scaling.num_workers * spec.optim.micro_batch_size
     for name, ds in (("data.source", train_ds), ("held-out data", val_ds)):
         if ds.count() < spec.scaling.num_workers:
             raise ValueError(f"{name}: only {ds.count()} blocks of {spec.optim.seq_len} tokens; "
                              f"need at least {spec.scaling.num_workers} (ideally {need}): add data or lower optim.seq_len")
-    metrics = run_training(spec, PretrainStage(), {"train": train_ds, "val": val_ds}, tokenizer_dir)
+    baseline = {}
+    if spec.objective == "mlm":
+        from raystages.stages.mlm import masked_val_dataset
+
+        val_ds, majority = masked_val_dataset(val_ds, stage.masker, spec.run.seed)
+        baseline = {"val_masked_majority_baseline": majority}
+    metrics = run_training(spec, stage, {"train": train_ds, "val": val_ds}, tokenizer_dir)
+    metrics.update(baseline)
     metrics["skipped_rows"] = len(skipped)
     metrics["wall_s"] = round(time.time() - started, 1)
     export = spec.run_dir() / EXPORT_DIR
@@ -91,11 +107,12 @@ def run(spec) -> "StageResult":
 
 
 def sample_texts(export_dir, spec, val_texts: list[str]) -> list[dict]:
-    """Greedy continuations from the exported model, loaded as a user would load it."""
-    if spec.run.samples == 0:
+    """Greedy continuations from the exported model, loaded as a user would load it
+    (none for a masked LM: it does not continue text)."""
+    if spec.run.samples == 0 or spec.objective == "mlm":
         return []
     from raystages.models import load_tokenizer
-    from raystages.serve.hf_generate import greedy_complete
+    from raystages.generate import greedy_complete
 
     if spec.data.source == "builtin":
         from raystages.task import reward

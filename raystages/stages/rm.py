@@ -98,24 +98,36 @@ def score_pairs(export_dir: str, arrays: dict, batch_size: int = 64) -> dict:
             "margin_mean": (rc - rr).mean().item()}
 
 
-def run(spec) -> "StageResult":
-    from raystages.data.chat import load_split, skip_reasons
-    from raystages.data.preference import pad_pairs, rm_converter
+def preference_split(spec, make_converter) -> tuple:
+    """What the preference stages (rm, dpo) start from: ``(parent, tokenizer_dir, tokenizer,
+    train, val, skipped)``: the parent checked, the run spec saved, the rows converted with
+    ``make_converter(tokenizer)`` (the built-in task's oracle-ranked pairs by default) and
+    their number checked against the workers' micro-batches."""
+    from raystages.data.chat import load_split
     from raystages.data.tokenizer import prepare_tokenizer
     from raystages.models import load_tokenizer
-    from raystages.stages.sft import check_parent, check_sizes, ray_dataset
+    from raystages.stages.sft import check_parent, check_sizes
     from raystages.task.splits import preference_rows
-    from raystages.train.runner import (EXPORT_DIR, StageResult, connect_ray, run_training,
-                                        save_run_spec, write_lineage)
+    from raystages.train.runner import save_run_spec
 
-    started = time.time()
     parent = check_parent(spec)
     save_run_spec(spec)
     tokenizer_dir = prepare_tokenizer(spec, [])
     tok = load_tokenizer(tokenizer_dir)
-    convert = rm_converter(spec.rm.fields, tok, spec.optim.seq_len)
-    train, val, skipped = load_split(spec.data, convert, preference_rows)
+    train, val, skipped = load_split(spec.data, make_converter(tok), preference_rows)
     check_sizes(spec, len(train), len(val), "pairs")
+    return parent, tokenizer_dir, tok, train, val, skipped
+
+
+def run(spec) -> "StageResult":
+    from raystages.data.chat import skip_reasons
+    from raystages.data.preference import pad_pairs, rm_converter
+    from raystages.stages.sft import ray_dataset
+    from raystages.train.runner import EXPORT_DIR, connect_ray, finish_stage, run_training
+
+    started = time.time()
+    parent, tokenizer_dir, tok, train, val, skipped = preference_split(
+        spec, lambda tok: rm_converter(spec.rm.fields, tok, spec.optim.seq_len))
     val_arrays = pad_pairs(val, tok.pad_token_id)
 
     connect_ray()
@@ -128,8 +140,4 @@ def run(spec) -> "StageResult":
     metrics.update(stats, train_pairs=len(train), val_pairs=len(val), skipped_rows=len(skipped),
                    train_tokens=sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train),
                    skipped_by_reason=skip_reasons(skipped), wall_s=round(time.time() - started, 1))
-    write_lineage(spec, export, metrics, parent=parent)
-    summary = {"stage": "rm", "export": str(export), "parent": parent, "metrics": metrics,
-               "skipped": skipped[:20]}
-    (spec.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return StageResult("rm", spec.run_dir(), export, metrics)
+    return finish_stage(spec, export, metrics, parent, skipped)

@@ -9,6 +9,8 @@ per row, or packed several per block (``sft.packing``) without attention between
 Ray Train + DeepSpeed fine-tune all weights or LoRA adapters (``sft.lora``, merged into
 the export). On the built-in task the driver then answers held-out prompts greedily with
 both the parent checkpoint and the export and reports exact-match accuracy of each.
+``sft.task: classification | token_classification`` trains a new head instead: see
+:mod:`raystages.stages.task_heads`.
 """
 
 from __future__ import annotations
@@ -25,17 +27,7 @@ class SftStage(Stage):
     throughput_unit = "sup-tok"  # supervised (answer) tokens
 
     def build_model(self, spec, tokenizer):
-        from raystages.models import build_causal_lm
-
-        model = build_causal_lm(spec.model, tokenizer, spec.run.seed)
-        lora = spec.sft.lora
-        if lora.enabled:
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(
-                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
-        return model
+        return build_policy(spec, tokenizer, spec.sft.lora)
 
     def count(self, batch):
         return int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -55,11 +47,29 @@ class SftStage(Stage):
         return masked_token_ce(logits, batch["labels"], normalizer), self.count(batch)
 
     def export(self, model, tokenizer, out_dir):
-        from raystages.models import export_hf
+        export_policy(model, tokenizer, out_dir)
 
-        if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
-            model = model.merge_and_unload()
-        export_hf(model, tokenizer, out_dir)
+
+def build_policy(spec, tokenizer, lora):
+    """The causal LM of ``spec.model``, with LoRA adapters when ``lora.enabled``."""
+    from raystages.models import build_causal_lm
+
+    model = build_causal_lm(spec.model, tokenizer, spec.run.seed)
+    if lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    return model
+
+
+def export_policy(model, tokenizer, out_dir: str) -> None:
+    from raystages.models import export_hf
+
+    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
+        model = model.merge_and_unload()
+    export_hf(model, tokenizer, out_dir)
 
 
 def check_parent(spec) -> str:
@@ -91,40 +101,32 @@ def check_sizes(spec, n_train: int, n_val: int, what: str) -> None:
         raise DataError(f"held-out data: {n_val} {what}, fewer than scaling.num_workers; add data or raise data.val_fraction")
 
 
-def greedy_chat_answers(checkpoint: str, tokenizer_dir: str, prompts: list[str],
-                        max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy answers to ``prompts``, each sent as one user turn; batched with left padding."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def task_eval_prompts(data, n: int) -> list[str]:
+    """The built-in task's first ``n`` held-out chat prompts (the same for SFT and DPO, so a
+    child's ``accuracy_before`` is its parent's ``accuracy_after``)."""
+    from raystages.task.splits import sft_rows
 
-    from raystages.models import end_token_ids, load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, use_safetensors=True, dtype=torch.float32).eval()
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                     add_generation_prompt=True) for p in prompts]
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                 eos_token_id=end_token_ids(tok), pad_token_id=tok.pad_token_id)
-            outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return outs
+    b = data.builtin
+    return [r["messages"][0]["content"] for r in sft_rows("val", n, b.seed, min_len=b.min_len, max_len=b.max_len)]
 
 
 def task_accuracy(checkpoint: str, tokenizer_dir: str, prompts: list[str], max_new_tokens: int):
     """(exact-match accuracy against the oracle, per-prompt samples) on the built-in task."""
+    from raystages.generate import greedy_complete
     from raystages.task import is_correct, reward
 
-    answers = greedy_chat_answers(checkpoint, tokenizer_dir, prompts, max_new_tokens)
+    answers = greedy_complete(checkpoint, prompts, max_new_tokens, chat=True, tokenizer_dir=tokenizer_dir,
+                              batch_size=64)
     samples = [{"prompt": p, "completion": a.strip(), "oracle_reward": reward(p, a)}
                for p, a in zip(prompts, answers)]
     return sum(is_correct(p, a) for p, a in zip(prompts, answers)) / len(prompts), samples
 
 
 def run(spec) -> "StageResult":
+    if spec.sft.task != "chat":  # a new output layer instead of the LM head
+        from raystages.stages import task_heads
+
+        return task_heads.run(spec)
     from raystages.data.chat import load_split, pack_examples, pad_examples, sft_converter, skip_reasons
     from raystages.data.tokenizer import prepare_tokenizer
     from raystages.models import load_tokenizer
@@ -149,9 +151,7 @@ def run(spec) -> "StageResult":
         train_arrays = pad_examples(train, tok.pad_token_id)
     builtin = spec.data.source == "builtin" and spec.sft.eval_prompts > 0
     if builtin:
-        b = spec.data.builtin
-        prompts = [r["messages"][0]["content"] for r in sft_rows(
-            "val", spec.sft.eval_prompts, b.seed, min_len=b.min_len, max_len=b.max_len)]
+        prompts = task_eval_prompts(spec.data, spec.sft.eval_prompts)
         acc_before, _ = task_accuracy(parent, tokenizer_dir, prompts, spec.sft.max_new_tokens)
 
     connect_ray()

@@ -122,8 +122,9 @@ def describe(record: dict) -> str:
 def finished_line(stage: str, metrics: dict, export_dir) -> str:
     """The one line a finished stage leaves on the terminal."""
     shown = []
+    held_out = [k for k in metrics if k.startswith("held_out_")]  # task heads' final scores
     for key in ("step", "iterations", "loss", "val_loss", "pair_accuracy", "accuracy_before", "accuracy_after",
-                "reward_before", "reward_after", "skipped_rows"):
+                "reward_before", "reward_after", *held_out, "skipped_rows"):
         v = metrics.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             shown.append(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}")

@@ -51,7 +51,8 @@ class MetricsLog:
 
     def log(self, step: int, metrics: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            # The step last: ``metrics`` may still carry the step of the last progress line.
+            f.write(json.dumps({**metrics, "step": step, "time": time.time()}) + "\n")
         if self.writer:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):

@@ -200,6 +200,18 @@ def write_lineage(spec, export_dir: Path, metrics: dict, parent: str | None) -> 
     return lineage
 
 
+def finish_stage(spec, export_dir: Path, metrics: dict, parent: str | None, skipped: list[str],
+                 samples: list[dict] | None = None) -> StageResult:
+    """The end of a stage run: ``lineage.json`` in the export, ``summary.json`` in the run dir
+    (the first 20 skipped-row notes; the greedy samples, when the stage has some)."""
+    write_lineage(spec, export_dir, metrics, parent=parent)
+    summary = {"stage": spec.stage, "export": str(export_dir), "parent": parent, "metrics": metrics,
+               "skipped": skipped[:20]} | ({"samples": samples} if samples is not None else {})
+    (spec.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return StageResult(spec.stage, spec.run_dir(), export_dir,
+                       metrics | ({"samples": samples} if samples is not None else {}))
+
+
 def save_run_spec(spec) -> None:
     run_dir = spec.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)

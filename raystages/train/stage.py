@@ -14,6 +14,7 @@ class Stage:
 
     name: str = "stage"
     throughput_unit: str = "tok"
+    frozen: dict = {}  # set per worker from build_frozen
 
     def build_model(self, spec, tokenizer):
         raise NotImplementedError
@@ -28,6 +29,19 @@ class Stage:
         ``loss(model, batch, normalizer=...)``: the loss is then ``sum / normalizer``, which
         makes the step an exact mean over all items (see ``worker._step_normalizer``)."""
         return None
+
+    def build_frozen(self, spec, tokenizer) -> dict:
+        """Models the stage reads but never trains (DPO's reference policy), by name. The
+        runner builds them once per worker after the trained model, freezes them, places
+        them like it (sharded under ZeRO-3: see ``train/frozen.py``) and sets
+        ``self.frozen`` to them before the first step."""
+        return {}
+
+    def train_metrics(self) -> dict:
+        """Stage-specific metrics of the last training ``loss`` call (floats or 0-dim
+        tensors, e.g. DPO's reward accuracy); the runner averages them over the logging
+        window and the ranks and logs them beside the loss."""
+        return {}
 
     def extra_eval(self, model, batches: list[dict]) -> dict[str, float]:
         """Stage-specific held-out metrics beyond the loss (summed over ranks by count)."""

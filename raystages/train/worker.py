@@ -62,6 +62,7 @@ def train_loop(config: dict) -> None:
 
     from raystages.models import count_parameters, load_tokenizer
     from raystages.train.console import write_startup
+    from raystages.train.frozen import freeze
     from raystages.train.metrics import MetricsLog, flops_per_token, peak_tflops, say
     from raystages.train.optim import deepspeed_config, lr_lambda
 
@@ -79,7 +80,9 @@ def train_loop(config: dict) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(spec), lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(spec.optim)))
-    startup_marks.append(("deepspeed", time.time()))
+    stage.frozen = {name: freeze(m, spec, engine.device)
+                    for name, m in stage.build_frozen(spec, tokenizer).items()}
+    startup_marks.append(("deepspeed", time.time()))  # trainable and frozen models initialised
 
     state = {"epoch": 0, "batches_in_epoch": 0, "items_seen": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -116,11 +119,7 @@ def train_loop(config: dict) -> None:
         engine.train()
         val_loss = (sums[0] / sums[1].clamp(min=1)).item()
         out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-        for key, value in extra.items():
-            t = torch.tensor([value], dtype=torch.float64)
-            dist.all_reduce(t)
-            out[f"val_{key}"] = (t / world).item()
-        return out
+        return out | {f"val_{k}": v for k, v in _rank_mean(extra, world).items()}
 
     def save_checkpoint(metrics: dict) -> None:
         tmp = tempfile.mkdtemp(prefix="raystages-ckpt-")
@@ -133,6 +132,7 @@ def train_loop(config: dict) -> None:
     start_step = engine.global_steps
     metrics: dict = {"step": start_step}
     window_loss, window_n, window_items, window_t = 0.0, 0, 0, time.time()
+    window_extra: dict = {}  # the stage's train_metrics, summed over the window
     max_steps = spec.optim.max_steps
     engine.train()
     data = _epochs(ray.train.get_dataset_shard("train"), spec.optim.micro_batch_size,
@@ -150,6 +150,8 @@ def train_loop(config: dict) -> None:
         engine.step()
         state.update(epoch=epoch, batches_in_epoch=index + 1, items_seen=state["items_seen"] + n_items * world)
         window_loss += loss.item()
+        for key, value in stage.train_metrics().items():
+            window_extra[key] = window_extra.get(key, 0.0) + value
         window_n += 1
         window_items += n_items * world
         step = engine.global_steps
@@ -171,7 +173,9 @@ def train_loop(config: dict) -> None:
                 metrics["tflops"] = throughput * flops_tok / 1e12
                 if peak:
                     metrics["mfu"] = metrics["tflops"] / (peak * world)
+            metrics.update(_rank_mean({k: float(v) / window_n for k, v in window_extra.items()}, world))
             window_loss, window_n, window_items, window_t = 0.0, 0, 0, time.time()
+            window_extra = {}
         if on_eval:
             metrics.update(evaluate())
         if rank == 0 and (on_log or on_eval):
@@ -200,6 +204,19 @@ def _step_normalizer(stage, batches: list, world: int) -> float | None:
     total = torch.tensor([float(sum(counts))], dtype=torch.float64)
     dist.all_reduce(total)
     return max(total.item(), 1.0) / (len(batches) * world)
+
+
+def _rank_mean(values: dict, world: int) -> dict[str, float]:
+    """The mean over ranks of each of ``values`` (the same keys on every rank): one all-reduce."""
+    import torch
+    import torch.distributed as dist
+
+    if not values:
+        return {}
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / world).tolist()))
 
 
 def _first_batches(shard, micro_batch_size: int, device, limit: int) -> list:
