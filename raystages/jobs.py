@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 
-from raystages.spec import SpecError, apply_overrides, read_yaml_mapping
+from raystages.spec import apply_overrides, read_yaml_mapping
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]

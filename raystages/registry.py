@@ -25,7 +25,8 @@ STAGES: dict[str, StageInfo] = {s.name: s for s in (
     StageInfo("pretrain", "stage 1: causal LM on packed text blocks", None, "pretrain"),
     StageInfo("sft", "stage 2: supervised fine-tuning, loss on answer tokens", "pretrain", "sft"),
     StageInfo("rm", "stage 3: reward model (scalar head, pairwise loss)", "sft", "reward"),
-    StageInfo("dpo", "stage 3b: DPO / IPO / SimPO / ORPO on preference pairs, no reward model", "sft", "dpo"),
+    StageInfo("dpo", "stage 3b: DPO / IPO / SimPO / ORPO on preference pairs, no reward model", "sft", "dpo",
+              "raystages.stages.dpo_spec"),
     StageInfo("rl", "stage 4: PPO / GRPO / RLOO with vLLM rollouts", "sft", "rl", "raystages.rl.spec"),
 )}
 # Pipeline order: a stage runs after its parent.

@@ -116,3 +116,14 @@ def sft_result(pretrained_checkpoint, runs_dir):
         f"run.storage_path={runs_dir}", "run.name=test-sft", f"model.path={pretrained_checkpoint}",
         *TASK, "logging.log_every=50", "run.eval_every=100", "run.checkpoint_every=1000"])
     return sft.run(spec)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Tripwire: a bad spec must fail before the runner connects to Ray."""
+    import raystages.train.runner as runner
+
+    def boom():
+        raise AssertionError("Ray was started for a bad spec")
+
+    monkeypatch.setattr(runner, "connect_ray", boom)

@@ -10,7 +10,6 @@ import pytest
 from raystages import cli
 from raystages.spec import load_spec
 from tests.conftest import ROOT, TASK
-from tests.test_spec import no_ray  # noqa: F401  (fixture: Ray must not start for a bad spec)
 
 BAD_DPO_SPECS = [
     (["dpo.beta=0"], "dpo.beta"),
@@ -28,7 +27,7 @@ BAD_DPO_SPECS = [
 
 
 @pytest.mark.parametrize("overrides,needle", BAD_DPO_SPECS)
-def test_bad_dpo_specs_exit_2_naming_the_field(overrides, needle, capsys, no_ray, tmp_path):  # noqa: F811
+def test_bad_dpo_specs_exit_2_naming_the_field(overrides, needle, capsys, no_ray, tmp_path):
     code = cli.main(["dpo", str(ROOT / "jobs" / "dpo.yaml"), f"run.storage_path={tmp_path}", *overrides])
     err = capsys.readouterr().err
     assert code == 2

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import raystages.rl.spec  # noqa: F401  (registers the "rl" spec)
 from raystages.spec import SpecError, load_spec
 from tests.conftest import ROOT
 

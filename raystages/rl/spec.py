@@ -13,7 +13,6 @@ length is ``algo.iterations``), ``deepspeed`` and ``scaling`` the learner worker
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 from typing import Literal
 

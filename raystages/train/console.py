@@ -146,7 +146,6 @@ class StageProgress:
         self.offset = self.path.stat().st_size if self.path.is_file() else 0
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._follow, daemon=True, name=f"progress-{stage}")
-        self.last: dict = {}
         self.started = time.time()
         self.startup_shown = False
 
@@ -208,7 +207,6 @@ class StageProgress:
                 stopping = self.done.wait(0.5)  # one more pass after the stage ends: nothing unread
                 self._startup(bar.console.print)
                 for record in self._records():
-                    self.last = record
                     bar.update(task, completed=record.get(self.step_key, 0), info=describe(record))
                 if stopping:
                     break
@@ -220,7 +218,6 @@ class StageProgress:
             stopping = self.done.wait(1.0)  # one more pass after the stage ends: nothing unread
             self._startup(lambda line: print(line, file=sys.stderr, flush=True))
             for record in self._records():
-                self.last = record
                 step = int(record.get(self.step_key, 0))
                 if step >= shown + every or step == self.total:
                     shown = step
