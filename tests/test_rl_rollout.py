@@ -72,8 +72,9 @@ def test_logprobs_match_transformers_before_and_after_a_weight_sync(ray_session,
         greedy_before = [g.response_ids for g in pool.generate(prompts, seeds, 0.0, 12)]
 
         new = _perturbed(str(random_checkpoint))
-        ref = [ray.put([(n, p.detach().clone()) for n, p in new.named_parameters()])]
-        pool.update_weights(ref, 1)
+        named = [(n, p.detach().clone()) for n, p in new.named_parameters()]
+        half = len(named) // 2  # two sync buckets, loaded one after the other
+        pool.update_weights([ray.put(named[:half]), ray.put(named[half:])], 1)
         assert pool.versions() == [1]
 
         gens = pool.generate(prompts, seeds, 0.7, 12)
@@ -121,3 +122,15 @@ def test_killed_actor_is_replaced_with_the_synced_weights_and_its_work_redone(ra
             pool.generate(prompts, seeds, 1.0, 10)
     finally:
         pool.shutdown()
+
+
+def test_sync_buckets_keep_order_and_stay_under_the_limit():
+    from raystages.rl.sync import buckets
+
+    assert buckets([4, 4, 4, 10, 1], 8) == [[0, 1], [2], [3], [4]]
+    assert buckets([3, 3, 2, 8], 8) == [[0, 1, 2], [3]]
+    assert buckets([], 8) == []
+    sizes = [5, 1, 7, 2, 2, 9, 3]
+    groups = buckets(sizes, 8)
+    assert [i for g in groups for i in g] == list(range(len(sizes)))  # every tensor once, in order
+    assert all(sum(sizes[i] for i in g) <= 8 or len(g) == 1 for g in groups)

@@ -239,6 +239,47 @@ def test_a_killed_learner_worker_restarts_the_group_from_the_last_checkpoint(ray
     assert (result.export_dir / "config.json").is_file() and (result.export_dir / "lineage.json").is_file()
 
 
+def test_zero3_learner_shards_reference_and_reward_model_and_syncs_in_buckets(ray_session, runs_dir, sft_policy,
+                                                                               tmp_path):
+    """ZeRO-3 on two learner ranks: the frozen reference policy and a same-tokenizer reward
+    model are partitioned like the policy (each rank holds about half of each), every rank
+    scores its own rows with them, and the weight sync ships the policy in many small buckets
+    — after which the engine's log-probs still match the learner's."""
+    from raystages.stages import rl
+
+    spec = _spec("grpo.yaml", runs_dir, "zero3-test", sft_policy, "rollout.engine=hf", "deepspeed.zero_stage=3",
+                 "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "algo.iterations=2",
+                 "algo.prompts_per_iteration=8", "algo.group_size=4", "algo.mini_batch_size=16",
+                 "optim.micro_batch_size=8", "rollout.eval_prompts=8", "rollout.sync_bucket_mb=0.1",
+                 "reward.normalize_model=false",
+                 f"reward.sources=[{{kind: oracle}}, {{kind: model, ref: {sft_policy}, weight: 0.1}}]")
+    held = tmp_path / "held.json"
+
+    def record_shards(ctx, iteration):
+        if iteration == 1:
+            models = {"policy": ctx.learner.policy.module, "ref": ctx.learner.ref.module,
+                      "rm": ctx.learner.rm.model}
+            held.write_text(json.dumps({
+                name: [sum(p.ds_tensor.numel() for p in m.parameters()), sum(p.ds_numel for p in m.parameters())]
+                for name, m in models.items()} | {"buckets": len(ctx.learner.weight_buckets())}))
+
+    result = rl.run(spec, hooks={"before_submit": record_shards})
+    shards = json.loads(held.read_text())
+    for name in ("policy", "ref", "rm"):
+        local, full = shards[name]
+        assert full > 0 and local <= 0.55 * full, (name, local, full)  # half, plus padding
+    policy_bytes = 4 * shards["policy"][1]
+    assert shards["buckets"] >= policy_bytes / (0.1 * 2**20) - 1 and shards["buckets"] > 3
+    rows = _metrics(result.run_dir)
+    assert [r["iteration"] for r in rows] == [1, 2]
+    # Iteration 1 is on the reference weights: the sharded reference gives the policy's log-probs.
+    assert rows[0]["kl_ref"] < 1e-6 and rows[1]["kl_ref"] > 0
+    assert max(r["logprob_gap_mean"] for r in rows) < 1e-4  # every bucket arrived
+    assert all(r["sync_bytes"] == policy_bytes for r in rows)
+    assert all(abs(r["reward_model"]) < 1e3 and r["reward_model"] == r["reward_model"] for r in rows)
+    assert (result.export_dir / "config.json").is_file()
+
+
 def _raw(**sections) -> dict:
     raw = {"stage": "rl", "model": {"path": "runs/sft/model"}}
     raw.update(sections)

@@ -43,9 +43,10 @@ class RolloutActor:
         return self.engine.score(prompt_ids, response_ids)
 
     def update_weights(self, weights: list, version: int) -> int:
-        # `weights` is [ObjectRef]: wrapped in a list so Ray passes the reference and this
-        # actor fetches it itself (zero-copy from the node's object store when local).
-        named = ray.get(weights[0])
+        # `weights` is a list of ObjectRefs, one per sync bucket: in a list, Ray passes the
+        # references and this actor fetches the buckets itself, one at a time (zero-copy
+        # from the node's object store when local).
+        named = (pair for ref in weights for pair in ray.get(ref))
         self.engine.update_weights(named, version)
         return version
 
@@ -80,7 +81,7 @@ class RolloutPool:
                                                      "OMP_NUM_THREADS": str(max(1, int(cpus)))}}}
         self.max_restarts = max_restarts
         self.restarts = 0
-        self.weights_ref = None  # [ObjectRef] of the last sync; replacements load it
+        self.weights_ref = None  # the last sync's bucket refs; replacements load them
         self.weights_version = 0
         self.actors = [self._spawn() for _ in range(num_actors)]
         ray.get([a.version.remote() for a in self.actors])  # fail fast if an engine cannot start
@@ -133,7 +134,7 @@ class RolloutPool:
         return self.collect(self.submit(prompt_ids, seeds, temperature, max_new_tokens))
 
     def update_weights(self, weights_ref: list, version: int) -> None:
-        """Every actor loads the weights behind ``weights_ref`` ([ObjectRef]) as ``version``."""
+        """Every actor loads the weights behind ``weights_ref`` (the sync's bucket refs) as ``version``."""
         self.weights_ref, self.weights_version = weights_ref, version
         futures = [a.update_weights.remote(weights_ref, version) for a in self.actors]
         for i, fut in enumerate(futures):

@@ -2,6 +2,12 @@
 policy and (PPO) the critic, plus the frozen reference policy and reward model — and the
 collective calls between the ranks.
 
+Every model goes through the one engine (:mod:`raystages.train.engine`): the policy and
+critic are trainable engines, the reference policy and a same-tokenizer reward model are
+frozen ones, so under ZeRO-3 all four are partitioned over the ranks and a rank's memory
+for them shrinks as the group grows. A reward model that re-tokenises text
+(``reward.retokenize``) is scored by the controller alone, so only rank 0 loads it.
+
 The ranks are the workers of a ``TorchTrainer`` (:mod:`raystages.stages.rl` fits it) and all
 run the RL loop of :mod:`raystages.rl.loop`, SPMD. Rank 0 is also the controller: it talks to
 the rollout actors, scores and computes advantages, and hands its results to the other ranks
@@ -17,19 +23,11 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import nullcontext
-from datetime import timedelta
-from types import SimpleNamespace
 
 import torch
 
 from raystages.rl.update import forward_batch, ppo_update
-
-# How long a collective waits for a peer before failing. A *dead* worker is noticed by Ray
-# Train within seconds; this bounds a *frozen* one (gloo's default is 30 minutes). It must
-# outlast the longest stretch rank 0 spends alone — generating a batch, scoring, evaluating —
-# while the other ranks wait in the next broadcast.
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+from raystages.train import engine
 
 
 class ValueModel(torch.nn.Module):
@@ -43,32 +41,6 @@ class ValueModel(torch.nn.Module):
         from raystages.rl.rewards import token_values
 
         return token_values(self.seq, input_ids, attention_mask)
-
-
-def _deepspeed(model, spec, lr: float, grad_accum: int, total_steps: int):
-    """``deepspeed.initialize`` with the stage's config and LR schedule (warmup, decay over
-    the run's ``total_steps`` optimizer steps) at learning rate ``lr``."""
-    import deepspeed
-    from torch.optim.lr_scheduler import LambdaLR
-
-    from raystages.train.optim import deepspeed_config, lr_lambda
-
-    optim = spec.optim.model_copy(update={"lr": lr, "grad_accum": grad_accum, "max_steps": max(1, total_steps)})
-    config = deepspeed_config(SimpleNamespace(optim=optim, deepspeed=spec.deepspeed, scaling=spec.scaling))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config,
-                                      lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(optim)))
-    return engine
-
-
-def _join_process_group(device: torch.device) -> None:
-    """DeepSpeed on the group Ray Train created, with :data:`COLLECTIVE_TIMEOUT` on the groups
-    DeepSpeed makes itself (they take torch's module default, not the world group's)."""
-    import deepspeed
-    import torch.distributed.distributed_c10d as c10d
-
-    c10d.default_pg_timeout = COLLECTIVE_TIMEOUT
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               timeout=COLLECTIVE_TIMEOUT, verbose=False)
 
 
 class Learner:
@@ -87,17 +59,21 @@ class Learner:
         self.spec, self.rank, self.world, self.device = spec, rank, world, device
         a = spec.algo
         torch.set_num_threads(max(1, math.ceil(spec.scaling.cpus_per_worker)))
-        _join_process_group(device)
+        engine.join_process_group(device)
         self.pids = self.all_gather(os.getpid())
         torch.manual_seed(spec.run.seed)
         batch = a.prompts_per_iteration * a.group_size
         self.grad_accum = a.mini_batch_size // (world * spec.optim.micro_batch_size)
-        steps = a.iterations * a.ppo_epochs * (batch // a.mini_batch_size)
+        steps = max(1, a.iterations * a.ppo_epochs * (batch // a.mini_batch_size))
+
+        def optim(lr: float):
+            return spec.optim.model_copy(update={"lr": lr, "grad_accum": self.grad_accum, "max_steps": steps})
+
         load = dict(use_safetensors=True, dtype=torch.float32, trust_remote_code=spec.model.trust_remote_code)
         policy = AutoModelForCausalLM.from_pretrained(spec.model.path, **load)
-        self.policy = _deepspeed(policy, spec, spec.optim.lr, self.grad_accum, steps)
-        self.ref = AutoModelForCausalLM.from_pretrained(spec.model.path, **load).to(device).eval()
-        self.ref.requires_grad_(False)
+        self.policy = engine.trainable(policy, spec, optim(spec.optim.lr))
+        # Read every step, never trained: placed like the policy (sharded under ZeRO-3).
+        self.ref = engine.frozen(AutoModelForCausalLM.from_pretrained(spec.model.path, **load), spec, device)
         self.critic = None
         model_src = [s for s in spec.reward.sources if s.kind == "model"]
         if a.name == "ppo":
@@ -107,10 +83,16 @@ class Learner:
             seq.config.pad_token_id = seq.config.pad_token_id or 0
             if spec.critic.init == "policy":
                 torch.nn.init.zeros_(head_of(seq).weight)  # values start at 0, not noise
-            self.critic = _deepspeed(ValueModel(seq), spec, spec.critic.lr or spec.optim.lr, self.grad_accum, steps)
+            self.critic = engine.trainable(ValueModel(seq), spec, optim(spec.critic.lr or spec.optim.lr))
         self.rm = None
-        if model_src:
-            self.rm = RewardModelScorer(model_src[0].ref, spec.reward.retokenize, spec.reward.normalize_model, device)
+        if model_src and not spec.reward.retokenize:
+            # Scores the policy's own token ids in the forward pass every rank runs on its
+            # shard: sharded like the policy.
+            self.rm = RewardModelScorer(model_src[0].ref, False, spec.reward.normalize_model, device,
+                                        place=lambda m: engine.frozen(m, spec, device))
+        elif model_src and rank == 0:
+            # Re-tokenised text is scored by the controller alone: only rank 0 holds it.
+            self.rm = RewardModelScorer(model_src[0].ref, True, spec.reward.normalize_model, device)
 
     # -- between ranks ---------------------------------------------------------------------
 
@@ -153,26 +135,36 @@ class Learner:
 
     # -- weights out -----------------------------------------------------------------------
 
-    def gathered(self):
-        """Context in which every parameter is whole on every rank (ZeRO-3 gathers; others
-        no-op). Collective: every rank enters it."""
-        if self.spec.deepspeed.zero_stage == 3:
-            import deepspeed
+    def gathered(self, params=None):
+        """Context in which ``params`` (default: every policy parameter) are whole on every
+        rank. Collective: every rank enters it."""
+        return engine.gathered(self.policy.module if params is None else params, self.spec.deepspeed.zero_stage)
 
-            return deepspeed.zero.GatheredParameters(list(self.policy.module.parameters()), modifier_rank=None)
-        return nullcontext()
+    def weight_buckets(self) -> list[list[tuple[str, torch.nn.Parameter]]]:
+        """The policy's named parameters in sync buckets of about ``rollout.sync_bucket_mb``
+        (sized by full shapes: ZeRO-3 keeps them in ``ds_shape``); the same on every rank."""
+        from raystages.rl.sync import buckets
+
+        named = list(self.policy.module.named_parameters())
+        sizes = [math.prod(getattr(p, "ds_shape", p.shape)) * p.element_size() for _, p in named]
+        limit = int(self.spec.rollout.sync_bucket_mb * 2**20)
+        return [[named[i] for i in group] for group in buckets(sizes, limit)]
 
     def publish_weights(self) -> tuple[list | None, int]:
-        """Every rank joins the gather; rank 0 puts the weights in the object store and
-        returns ``([ref], bytes)`` (the list keeps Ray from resolving the ref when passed)."""
+        """Collective. Bucket by bucket, every rank joins the gather and rank 0 puts the whole
+        bucket in the object store (a copy into shared memory), released before the next.
+        Returns ``(refs, bytes)`` on rank 0 (``(None, 0)`` elsewhere); ``refs`` is a plain
+        list, so Ray passes the references on instead of resolving them."""
         import ray
 
-        with self.gathered():
-            if self.rank != 0:
-                return None, 0
-            named = [(n, p.detach().to("cpu", copy=True)) for n, p in self.policy.module.named_parameters()]
-        nbytes = sum(t.numel() * t.element_size() for _, t in named)
-        return [ray.put(named)], nbytes
+        refs, nbytes = [], 0
+        for named in self.weight_buckets():
+            with self.gathered([p for _, p in named]):
+                if self.rank == 0:
+                    tensors = [(n, p.detach().to("cpu")) for n, p in named]
+                    nbytes += sum(t.numel() * t.element_size() for _, t in tensors)
+                    refs.append(ray.put(tensors))
+        return (refs, nbytes) if self.rank == 0 else (None, 0)
 
     def weight_meta(self) -> dict:
         """Names, dtypes and full shapes of the policy's parameters (ZeRO-3 keeps ``ds_shape``)."""

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,11 +34,10 @@ import torch
 from raystages.rl.algos import AdaptiveKLController, FixedKLController
 from raystages.rl.batch import RunningMoments, advantages, collate, health, shape_scores
 from raystages.rl.rewards import TextRewards, oracle_scores
+from raystages.train import engine
 from raystages.train.metrics import say
-from raystages.train.worker import FINAL_MARKER
 
 LOOP_STATE = "loop.json"  # in every checkpoint, next to the DeepSpeed state
-EXPORT_SUBDIR = "hf"  # the final checkpoint's Hugging Face export
 
 
 @dataclass
@@ -202,26 +199,18 @@ def _flat(metrics: dict) -> dict:
 
 
 def save_checkpoint(ctx: Context, state: LoopState, metrics: dict, final: dict | None = None) -> None:
-    """Collective. Every rank saves its DeepSpeed shards in a temp dir, rank 0 adds the loop
-    state (and, ``final`` given, the HF export and ``final.json``); Ray merges the ranks' dirs
-    into one checkpoint and registers it only once all have reported, so a crash mid-save
-    leaves the previous one in charge."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    tmp = Path(tempfile.mkdtemp(prefix="raystages-rl-ckpt-"))
-    try:
+    """Collective. Every rank saves its DeepSpeed shards, rank 0 adds the loop state (and,
+    ``final`` given, the HF export and the final marker), through the engine's one path."""
+    def write(tmp: Path) -> None:
         ctx.learner.save(str(tmp))
         if final is not None:
-            ctx.learner.export(str(tmp / EXPORT_SUBDIR), ctx.tokenizer)
+            ctx.learner.export(str(tmp / engine.EXPORT_SUBDIR), ctx.tokenizer)
         if ctx.controller:
             (tmp / LOOP_STATE).write_text(json.dumps(asdict(state)))
             if final is not None:
-                (tmp / FINAL_MARKER).write_text(json.dumps(final, default=str))
-        ray.train.report(_flat(metrics) | {"iteration": state.iteration},
-                         checkpoint=Checkpoint.from_directory(str(tmp)))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / engine.FINAL_MARKER).write_text(json.dumps(final, default=str))
+
+    engine.report_checkpoint(_flat(metrics) | {"iteration": state.iteration}, write)
 
 
 def restore(ctx: Context, checkpoint) -> LoopState:
@@ -239,21 +228,13 @@ def _report_if_ended(checkpoint, spec, rank: int) -> bool:
     """When ``checkpoint`` is the final one of a run that ended (all its iterations, or a
     limit aborted it), report it again so the driver gets its export, and return True. Every
     rank reads the same marker, so all take the same branch."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    with checkpoint.as_directory() as d:
-        marker = Path(d) / FINAL_MARKER
-        if not marker.is_file():
-            return False
-        final = json.loads(marker.read_text())
-        if final["iterations"] < spec.algo.iterations and not final["aborted"]:
-            return False  # more iterations asked for: continue from the end
-        if rank == 0:
-            say(f"this run already ended at iteration {final['iterations']}; returning its final checkpoint")
-        ray.train.report(_flat(final["last"]) | {"iteration": final["iterations"]},
-                         checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
-        return True
+    final = engine.final_of(checkpoint)
+    if final is None or (final["iterations"] < spec.algo.iterations and not final["aborted"]):
+        return False  # not ended, or more iterations asked for: continue from the end
+    if rank == 0:
+        say(f"this run already ended at iteration {final['iterations']}; returning its final checkpoint")
+    engine.report_final(checkpoint, _flat(final["last"]) | {"iteration": final["iterations"]}, rank)
+    return True
 
 
 def _plan(ctx: Context, batch: dict, texts: list[str], gens, kl, moments: RunningMoments) -> tuple[dict, dict]:

@@ -97,14 +97,28 @@ def reward_stats(stats: dict) -> tuple[float, float]:
 
 
 class RewardModelScorer:
-    def __init__(self, path: str, retokenize: bool, normalize: bool, device="cpu") -> None:
+    """A reward-model checkpoint, frozen, scoring right-padded ids or re-tokenised text.
+
+    ``place`` puts the loaded model where it runs (the learner passes the engine's
+    :func:`raystages.train.engine.frozen`, which shards it under ZeRO-3; every rank then
+    scores together); default: a plain frozen copy on ``device``.
+    """
+
+    def __init__(self, path: str, retokenize: bool, normalize: bool, device="cpu",
+                 place: Callable | None = None) -> None:
         from transformers import AutoModelForSequenceClassification
 
         from raystages.models import load_tokenizer
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, use_safetensors=True, dtype=torch.float32).to(device).eval()
-        self.model.requires_grad_(False)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, use_safetensors=True, dtype=torch.float32)
+        if place is None:
+            model = model.to(device).eval().requires_grad_(False)
+        else:
+            model = place(model)
+        # A ZeRO-3 engine wraps the model; its hooks gather each layer however it is called.
+        self.model = getattr(model, "module", model)
+        self.placed = model  # keeps the engine alive
         self.device = device
         self.tok = load_tokenizer(path) if retokenize else None
         self.mean, self.std = 0.0, 1.0

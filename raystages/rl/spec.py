@@ -69,6 +69,7 @@ class RolloutSpec(Section):
     eval_prompts: int = Field(64, ge=0, description="Held-out prompts answered before and after training (the reward report in the summary).")
     eval_samples: int = Field(4, ge=0, description="Sampled responses per held-out prompt in the before/after report (0: greedy only).")
     max_restarts: int = Field(3, ge=0, description="Dead rollout actors replaced (and their work retried) before the run fails.")
+    sync_bucket_mb: float = Field(64, gt=0, description="Weight sync: the policy goes to the actors in buckets of about this many MiB, each gathered (ZeRO-3), shipped and released before the next, so the sync holds about one bucket beyond the shards.")
 
 
 class RewardSourceSpec(Section):

@@ -4,9 +4,12 @@ Every learner rank holds a :class:`WeightSync` and calls ``sync()`` at the same 
 loop: under ZeRO-3 every rank must join the parameter gather; rank 0 (the controller, the only
 rank that holds the rollout pool) then ships the weights.
 
-CPU (and the default everywhere): rank 0 copies the policy's parameters to CPU and
-``ray.put``s them once; every actor fetches that one object from the object store (zero-copy
-from shared memory on the same node) and loads it in place (:meth:`Engine.update_weights`).
+CPU (and the default everywhere): the policy's parameters go in buckets of about
+``rollout.sync_bucket_mb`` (:func:`buckets`): every rank joins the gather of one bucket (ZeRO-3),
+rank 0 ``ray.put``s it and the gather is released before the next, so the learner holds about
+one whole bucket beyond its shards, never the whole model. Every actor fetches the buckets from
+the object store (zero-copy from shared memory on the same node) one at a time and loads them
+in place (:meth:`Engine.update_weights`).
 The version number travels with the weights; each generation reports the version it used, so
 the controller can check that rollouts are on-policy.
 
@@ -65,6 +68,25 @@ class WeightSync:
                 "sync_bytes_per_s": nbytes / max(dt, 1e-9)}
 
 
+def buckets(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive indices of ``sizes`` (bytes per tensor) grouped so that each group's total
+    is at most ``limit``; a tensor larger than ``limit`` is a group of its own. Order kept.
+
+    >>> buckets([4, 4, 4, 10, 1], 8)
+    [[0, 1], [2], [3], [4]]
+    """
+    out: list[list[int]] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if out and total + size <= limit:
+            out[-1].append(i)
+            total += size
+        else:
+            out.append([i])
+            total = size
+    return out
+
+
 def memcpy_bytes_per_s(nbytes: int, repeats: int = 20) -> float:
     """Baseline for the bench: a plain in-process copy of ``nbytes`` (best of ``repeats``)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
@@ -105,9 +127,10 @@ def _nccl_sync(learner, pool, version: int) -> int:
         meta = learner.weight_meta()
         receivers = [a.call_engine.remote("receive_nccl", meta, version) for a in pool.actors]
     nbytes = 0
-    with learner.gathered():
-        if learner.rank == 0:
-            nbytes = nccl_send(learner, None, list(learner.policy.module.named_parameters()))
+    for named in learner.weight_buckets():
+        with learner.gathered([p for _, p in named]):
+            if learner.rank == 0:
+                nbytes += nccl_send(learner, None, named)
     ray.get(receivers)
     return nbytes
 

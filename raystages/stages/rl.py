@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from raystages.preflight import preflight as preflight_checks
 from raystages.resources import check_cluster
-from raystages.train.console import StageProgress
 
 
 def load_prompts(spec) -> tuple[list[str], list[str], list[str]]:
@@ -92,31 +90,14 @@ def _before_after(before: dict, after: dict) -> dict:
 
 
 def _fit(spec, pool, prompts, eval_prompts, tokenizer_dir: str, hooks: dict):
-    """Fit the learner: ``scaling.num_workers`` Ray Train workers running
+    """Fit the learner with the one engine: ``scaling.num_workers`` Ray Train workers running
     :func:`raystages.rl.loop.train_loop`. Returns Ray Train's ``Result``."""
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from raystages.rl.learner import COLLECTIVE_TIMEOUT
-    from raystages.train.runner import run_config, scaling_config
-
-    trainer = TorchTrainer(
-        _train_loop_entry,
-        train_loop_config={"spec": spec, "pool": pool, "prompts": prompts, "eval_prompts": eval_prompts,
-                           "tokenizer_dir": tokenizer_dir, "run_dir": str(spec.run_dir()), "hooks": hooks},
-        scaling_config=scaling_config(spec),
-        torch_config=TorchConfig(timeout_s=int(COLLECTIVE_TIMEOUT.total_seconds())),
-        run_config=run_config(spec),  # same name and storage path: a rerun resumes
-    )
-    with StageProgress("rl", spec.run_dir(), spec.algo.iterations):
-        return trainer.fit()
-
-
-def _train_loop_entry(config: dict) -> None:
     from raystages.rl.loop import train_loop
-    from raystages.train.runner import start_worker
+    from raystages.train import engine
 
-    start_worker(config["run_dir"])
-    train_loop(config)
+    config = {"spec": spec, "pool": pool, "prompts": prompts, "eval_prompts": eval_prompts,
+              "tokenizer_dir": tokenizer_dir, "hooks": hooks}
+    return engine.fit(spec, train_loop, config, "rl", spec.algo.iterations)
 
 
 def run(spec, hooks: dict | None = None):
@@ -126,10 +107,10 @@ def run(spec, hooks: dict | None = None):
     from raystages.data.tokenizer import prepare_tokenizer
     from raystages.models import context_length, load_tokenizer
     from raystages.rl.actor import RolloutPool
-    from raystages.rl.loop import EXPORT_SUBDIR, encode
+    from raystages.rl.loop import encode
     from raystages.spec import SpecError
-    from raystages.train.runner import EXPORT_DIR, StageResult, _copy_export, connect_ray, save_run_spec, write_lineage
-    from raystages.train.worker import FINAL_MARKER
+    from raystages.train import engine
+    from raystages.train.runner import EXPORT_DIR, StageResult, connect_ray, save_run_spec, write_lineage
 
     started = time.time()
     preflight_checks(spec)
@@ -157,12 +138,8 @@ def run(spec, hooks: dict | None = None):
         fit = _fit(spec, pool, prompts, eval_prompts, str(tokenizer_dir), hooks or {})
     finally:
         pool.shutdown()
-    if fit.checkpoint is None:
-        raise RuntimeError(f"rl: training ended without a final checkpoint; see {run_dir}")
     export = run_dir / EXPORT_DIR
-    with fit.checkpoint.as_directory() as d:
-        _copy_export(Path(d) / EXPORT_SUBDIR, export)
-        result = json.loads((Path(d) / FINAL_MARKER).read_text())
+    result = engine.collect(fit, export, "rl")
     metrics = {"algo": spec.algo.name, "engine": kind, "iterations": result["iterations"],
                "aborted": result["aborted"], "actor_restarts": result["actor_restarts"],
                **_before_after(result["before"], result["after"]),

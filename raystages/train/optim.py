@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 
-def deepspeed_config(spec) -> dict:
-    o, z = spec.optim, spec.deepspeed
+def deepspeed_config(spec, optim=None) -> dict:
+    """DeepSpeed's config for ``spec``, with the optimizer settings of ``optim`` (default
+    ``spec.optim``; the RL learner passes its own per model)."""
+    o, z = optim or spec.optim, spec.deepspeed
     zero: dict = {"stage": z.zero_stage}
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -17,8 +16,7 @@ from pathlib import Path
 import yaml
 
 from raystages import __version__
-from raystages.train.console import (VERBOSE_ENV, StageProgress, capture_process_output, mark,
-                                     take_driver_marks, verbose)
+from raystages.train.console import VERBOSE_ENV, capture_process_output, mark, take_driver_marks, verbose
 
 EXPORT_DIR = "model"
 # Progress bars from transformers/hub and Ray Data would bury the progress lines.
@@ -113,34 +111,14 @@ def startup_of_driver() -> dict:
 
 
 def run_training(spec, stage, datasets: dict, tokenizer_dir: str) -> dict:
-    """Fit ``stage`` on ``datasets`` (``train`` and ``val``) and return the final metrics.
+    """Fit ``stage`` on ``datasets`` (``train`` and ``val``) with the one engine and return
+    the final metrics; the export lands in ``run_dir/model``."""
+    from raystages.train import engine
+    from raystages.train.worker import train_loop
 
-    Rerunning with the same ``run.storage_path``/``run.name`` resumes from the latest
-    checkpoint Ray Train registered (Train V2 resumes by run identity).
-    """
-    from ray.train import DataConfig
-    from ray.train.torch import TorchTrainer
-
-    from raystages.resources import check_cluster
-
-    check_cluster(spec)
-    run_dir = spec.run_dir()
-    trainer = TorchTrainer(
-        _train_loop_entry,
-        train_loop_config={"spec": spec, "stage": stage, "run_dir": str(run_dir),
-                           "tokenizer_dir": tokenizer_dir, "startup": startup_of_driver()},
-        scaling_config=scaling_config(spec),
-        run_config=run_config(spec),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all"),
-    )
-    with StageProgress(stage.name, run_dir, spec.optim.max_steps):
-        result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{stage.name}: training ended without a final checkpoint; see {run_dir}")
-    with result.checkpoint.as_directory() as d:
-        _copy_export(Path(d) / "hf", run_dir / EXPORT_DIR)
-        return json.loads((Path(d) / "final.json").read_text())
+    config = {"spec": spec, "stage": stage, "tokenizer_dir": tokenizer_dir, "startup": startup_of_driver()}
+    result = engine.fit(spec, train_loop, config, stage.name, spec.optim.max_steps, datasets)
+    return engine.collect(result, spec.run_dir() / EXPORT_DIR, stage.name)
 
 
 def quiet_worker_logs() -> None:
@@ -159,22 +137,6 @@ def start_worker(run_dir: str) -> None:
 
     quiet_worker_logs()
     capture_process_output(run_dir, f"worker-{ray.train.get_context().get_world_rank()}")
-
-
-def _train_loop_entry(config: dict) -> None:
-    from raystages.train.worker import train_loop
-
-    start_worker(config["run_dir"])
-    train_loop(config)
-
-
-def _copy_export(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.rename(tmp, dst)
 
 
 def write_lineage(spec, export_dir: Path, metrics: dict, parent: str | None) -> dict:

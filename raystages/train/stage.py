@@ -33,7 +33,7 @@ class Stage:
     def build_frozen(self, spec, tokenizer) -> dict:
         """Models the stage reads but never trains (DPO's reference policy), by name. The
         runner builds them once per worker after the trained model, freezes them, places
-        them like it (sharded under ZeRO-3: see ``train/frozen.py``) and sets
+        them like it (sharded under ZeRO-3: see ``train/engine.py``) and sets
         ``self.frozen`` to them before the first step."""
         return {}
 

@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
-import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-FINAL_MARKER = "final.json"
+from raystages.train import engine as ds
+
 DS_TAG = "state"
 
 
@@ -53,18 +51,14 @@ def _epochs(shard, micro_batch_size: int, device, start_epoch: int, skip: int):
 
 
 def train_loop(config: dict) -> None:
-    import deepspeed
     import ray.train
+    import ray.train.torch
     import torch
     import torch.distributed as dist
-    from ray.train import Checkpoint
-    from torch.optim.lr_scheduler import LambdaLR
 
     from raystages.models import count_parameters, load_tokenizer
     from raystages.train.console import write_startup
-    from raystages.train.frozen import freeze
     from raystages.train.metrics import MetricsLog, flops_per_token, peak_tflops, say
-    from raystages.train.optim import deepspeed_config, lr_lambda
 
     spec, stage = config["spec"], config["stage"]
     run_dir = Path(config["run_dir"])
@@ -73,27 +67,27 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, math.ceil(spec.scaling.cpus_per_worker)))
     _seed_everything(spec.run.seed)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint and (final := ds.final_of(checkpoint)) is not None:
+        # The run already finished (the driver died after the end): hand the final
+        # export back again instead of training past max_steps.
+        ds.report_final(checkpoint, final, rank)
+        return
 
+    device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
+    ds.join_process_group(device)
     tokenizer = load_tokenizer(config["tokenizer_dir"], spec.model.trust_remote_code)
     model = stage.build_model(spec, tokenizer)
     n_params = count_parameters(model)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(spec), lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(spec.optim)))
-    stage.frozen = {name: freeze(m, spec, engine.device)
+    engine = ds.trainable(model, spec)
+    scheduler = engine.lr_scheduler
+    stage.frozen = {name: ds.frozen(m, spec, engine.device)
                     for name, m in stage.build_frozen(spec, tokenizer).items()}
     startup_marks.append(("deepspeed", time.time()))  # trainable and frozen models initialised
 
     state = {"epoch": 0, "batches_in_epoch": 0, "items_seen": 0}
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            if (Path(d) / FINAL_MARKER).exists():
-                # The run already finished (the driver died after the end): hand the
-                # final export back again instead of training past max_steps.
-                final = json.loads((Path(d) / FINAL_MARKER).read_text())
-                ray.train.report(final, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
-                return
             _, client_state = engine.load_checkpoint(d, tag=DS_TAG)
             state = client_state["trainer_state"]
         if rank == 0:
@@ -122,12 +116,8 @@ def train_loop(config: dict) -> None:
         return out | {f"val_{k}": v for k, v in _rank_mean(extra, world).items()}
 
     def save_checkpoint(metrics: dict) -> None:
-        tmp = tempfile.mkdtemp(prefix="raystages-ckpt-")
-        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"trainer_state": dict(state)})
-        # Every rank reports its own shard files; Ray merges them into one checkpoint and
-        # registers it only after all ranks reported, so a crash mid-save is never "latest".
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-        shutil.rmtree(tmp, ignore_errors=True)
+        ds.report_checkpoint(metrics, lambda tmp: engine.save_checkpoint(
+            str(tmp), tag=DS_TAG, client_state={"trainer_state": dict(state)}))
 
     start_step = engine.global_steps
     metrics: dict = {"step": start_step}
@@ -231,20 +221,12 @@ def _first_batches(shard, micro_batch_size: int, device, limit: int) -> list:
 
 def _export(engine, stage, tokenizer, spec, rank: int, metrics: dict) -> None:
     """Rank 0 writes the Hugging Face export into the final checkpoint, marked finished.
+    Collective: under ZeRO-3 every rank joins the gather."""
+    def write(tmp: Path) -> None:
+        with ds.gathered(engine.module, spec.deepspeed.zero_stage):
+            if rank == 0:
+                stage.export(engine.module, tokenizer, str(tmp / ds.EXPORT_SUBDIR))
+                (tmp / ds.FINAL_MARKER).write_text(json.dumps(metrics))
 
-    ZeRO-3 holds only a shard of each parameter per rank: every rank joins the gather.
-    """
-    import deepspeed
-    import ray.train
-    from ray.train import Checkpoint
-
-    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-              if spec.deepspeed.zero_stage == 3 else nullcontext())
-    tmp = tempfile.mkdtemp(prefix="raystages-final-") if rank == 0 else None
-    with gather:
-        if rank == 0:
-            stage.export(engine.module, tokenizer, str(Path(tmp) / "hf"))
-            Path(tmp, FINAL_MARKER).write_text(json.dumps(metrics))
-    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
-    if tmp:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # The final checkpoint is the export alone: rank 0 uploads it.
+    ds.report_checkpoint(metrics, write, upload=rank == 0)
