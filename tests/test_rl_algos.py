@@ -364,3 +364,14 @@ def test_fully_masked_row_never_nan():
     for o in outs + [lp.grad, values.grad]:
         assert torch.isfinite(o).all(), o
     assert (adv[1] == 0).all() and (pl[1] == 0).all() and (lp.grad[1] == 0).all()
+
+
+def test_split_rows_gives_each_rank_a_contiguous_shard_that_concatenates_back():
+    from raystages.rl.batch import split_rows
+
+    batch = {"input_ids": torch.arange(12).view(6, 2), "response_len": torch.tensor([1, 2, 3, 4, 5, 6])}
+    shards = split_rows(batch, 3)
+    assert [s["response_len"].tolist() for s in shards] == [[1, 2], [3, 4], [5, 6]]
+    assert shards[1]["input_ids"].tolist() == [[4, 5], [6, 7]]  # the rows' full width kept
+    assert all(torch.equal(torch.cat([s[k] for s in shards]), v) for k, v in batch.items())
+    assert split_rows(batch, 1)[0].keys() == batch.keys()

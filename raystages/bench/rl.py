@@ -37,9 +37,9 @@ def _options(overrides: list[str]) -> dict:
     return parse_options(overrides, DEFAULTS, "bench rl")
 
 
-def _models(work: Path, preset: str) -> tuple[Path, Path]:
-    """A fresh policy of ``preset`` with the built-in tokenizer, and a reward model sharing its
-    backbone (a sequence-classification head on the same weights)."""
+def _models(work: Path, preset: str, config_overrides: dict | None = None) -> tuple[Path, Path]:
+    """A fresh policy of ``preset`` (with ``config_overrides``) and the built-in tokenizer,
+    and a reward model sharing its backbone (a sequence-classification head on the same weights)."""
     from transformers import AutoModelForSequenceClassification
 
     from raystages.models import build_causal_lm, export_hf, train_tokenizer
@@ -48,7 +48,8 @@ def _models(work: Path, preset: str) -> tuple[Path, Path]:
 
     tok = train_tokenizer(pretrain_texts("train", 300), 512, work / "tokenizer")
     policy = work / "policy"
-    export_hf(build_causal_lm(ModelSpec(preset=preset), tok, seed=0), tok, policy)
+    model_spec = ModelSpec(preset=preset, config_overrides=config_overrides or {})
+    export_hf(build_causal_lm(model_spec, tok, seed=0), tok, policy)
     rm = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
     rm.config.pad_token_id = tok.pad_token_id
     export_hf(rm, tok, work / "rm")
@@ -81,9 +82,10 @@ def bench_engines(policy: Path, batch: int, max_new_tokens: int) -> dict:
     return out
 
 
-def ppo_spec(policy: Path, rm: Path, work: Path, o: dict):
+def ppo_spec(policy: Path, rm: Path, work: Path, o: dict, rollout: dict | None = None, name: str = "bench-rl-ppo"):
     """The RL spec the bench times: PPO with a critic from the reward model, one mini-batch
-    per epoch (as TRL's ``num_mini_batches=1``), the bench's batch, lengths and workers."""
+    per epoch (as TRL's ``num_mini_batches=1``), the bench's batch, lengths and workers
+    (``rollout``: more rollout settings; ``name``: the run's name)."""
     from raystages.spec import parse_spec
 
     return parse_spec({
@@ -92,12 +94,12 @@ def ppo_spec(policy: Path, rm: Path, work: Path, o: dict):
         "algo": {"name": "ppo", "iterations": o["iterations"], "prompts_per_iteration": o["batch"], "group_size": 1,
                  "mini_batch_size": o["batch"], "ppo_epochs": o["ppo_epochs"],
                  "one_step_off_policy": o["off_policy"]},
-        "rollout": {"max_new_tokens": o["max_new_tokens"], "eval_prompts": 0, "cpus_per_actor": 0.5},
+        "rollout": {"max_new_tokens": o["max_new_tokens"], "eval_prompts": 0, "cpus_per_actor": 0.5} | (rollout or {}),
         "reward": {"sources": [{"kind": "model", "ref": str(rm)}]}, "critic": {"init": "reward_model"},
         # Fractional CPUs: learners and the rollout actor must all fit on a 2-core machine.
         "scaling": {"num_workers": o["num_workers"], "cpus_per_worker": 0.5}, "logging": {"tensorboard": False},
         "deepspeed": {"zero_stage": o["zero_stage"]},
-        "run": {"name": "bench-rl-ppo", "storage_path": str(work), "checkpoint_every": 10**6}})
+        "run": {"name": name, "storage_path": str(work), "checkpoint_every": 10**6}})
 
 
 def bench_ppo(policy: Path, rm: Path, work: Path, o: dict) -> dict:

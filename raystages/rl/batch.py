@@ -58,6 +58,14 @@ class RunningMoments:
         return math.sqrt(self.m2 / max(self.n - 1, 1)) if self.n > 1 else 1.0
 
 
+def split_rows(batch: dict[str, torch.Tensor], world: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` cut into ``world`` contiguous row shards, rank ``r``'s at index ``r``: every
+    tensor's first dimension is the batch's rows (``(B, ...)`` -> ``(B / world, ...)`` each;
+    ``B`` divides evenly, as the spec guarantees). The widths stay the whole batch's, so the
+    shards concatenate back."""
+    return [dict(zip(batch, rows)) for rows in zip(*(v.tensor_split(world) for v in batch.values()))]
+
+
 def shape_scores(scores: torch.Tensor, algo, moments: RunningMoments) -> torch.Tensor:
     """Sequence rewards ``(B,)`` after the spec's normalisation and clipping."""
     s = scores.float()

@@ -14,9 +14,17 @@ the rollout actors, scores and computes advantages, and hands its results to the
 with :meth:`Learner.broadcast`. Ray Train owns the process group and restarts the group from
 its last reported checkpoint when a worker dies; DeepSpeed reuses that group.
 
-Every rank holds the whole batch and works on its own rows: contiguous shards in
-:meth:`Learner.compute` (gathered back on every rank), a seeded permutation split into
-mini-batches in :meth:`Learner.update`, so all ranks agree on the plan without talking.
+Each rank receives only its own rows of a batch — a contiguous shard, scattered by the
+controller (:meth:`Learner.scatter`) — forwards them in :meth:`Learner.compute` (the results
+gathered on the controller alone, which scores and computes advantages for the whole batch)
+and updates on them in :meth:`Learner.update`: each epoch a seeded permutation of its shard,
+split into its share of every mini-batch, with one all-reduce of the mini-batches' token
+counts so each step's gradient is the exact mean over the whole mini-batch.
+
+Rows travel through the process group (``scatter_object_list`` / ``gather_object``), not the
+object store: an ``ObjectRef`` handed from one Ray Train worker to another outside a Ray call
+is serialised out of band, and Ray then pins its object for the owner's lifetime — one leaked
+batch per iteration.
 """
 
 from __future__ import annotations
@@ -96,16 +104,26 @@ class Learner:
 
     # -- between ranks ---------------------------------------------------------------------
 
-    def broadcast(self, obj):
-        """Rank 0's ``obj`` on every rank (the others pass None). For the small CPU
-        tensors and dicts the controller hands out: pickled, one collective."""
+    def scatter(self, parts: list | None):
+        """Rank 0's ``parts[r]`` on rank ``r`` (the other ranks pass None): each rank receives
+        only its own part."""
         if self.world == 1:
-            return obj
+            return parts[0]
         import torch.distributed as dist
 
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        out = [None]
+        dist.scatter_object_list(out, parts if self.rank == 0 else None, src=0)
+        return out[0]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's ``obj``, in rank order, on rank 0 (None on the others)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
 
     def all_gather(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
@@ -120,10 +138,9 @@ class Learner:
     # -- one iteration ---------------------------------------------------------------------
 
     def compute(self, batch: dict) -> dict:
-        """Old/ref log-probs, entropy, values, RM scores ``(B, L-1)`` / ``(B,)`` for the whole
-        batch: each rank forwards its contiguous shard, every rank gets all of them."""
-        parts = self.all_gather(forward_batch(self, batch))
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        """Old/ref log-probs, entropy, values, RM scores ``(b, L-1)`` / ``(b,)`` of this rank's
+        rows. Collective (ZeRO-3 gathers layers in every forward)."""
+        return forward_batch(self, batch)
 
     def update(self, batch: dict, kl_coef: float, iteration: int) -> dict:
         """PPO epochs over seeded mini-batches; token-weighted means over all ranks."""
@@ -150,21 +167,35 @@ class Learner:
         limit = int(self.spec.rollout.sync_bucket_mb * 2**20)
         return [[named[i] for i in group] for group in buckets(sizes, limit)]
 
-    def publish_weights(self) -> tuple[list | None, int]:
+    def publish_weights(self) -> tuple[list | None, int, float]:
         """Collective. Bucket by bucket, every rank joins the gather and rank 0 puts the whole
         bucket in the object store (a copy into shared memory), released before the next.
-        Returns ``(refs, bytes)`` on rank 0 (``(None, 0)`` elsewhere); ``refs`` is a plain
-        list, so Ray passes the references on instead of resolving them."""
+        Returns ``(refs, bytes, extra_mb)`` on rank 0 (``(None, 0, 0.0)`` elsewhere): ``refs``
+        is a plain list, so Ray passes the references on instead of resolving them;
+        ``extra_mb`` is rank 0's largest growth of private memory (USS) over its level before
+        the sync, measured inside each bucket's gather, where the sync's peak is."""
+        import psutil
         import ray
 
-        refs, nbytes = [], 0
+        me = psutil.Process()
+        base = me.memory_full_info().uss if self.rank == 0 else 0
+        refs, nbytes, extra = [], 0, 0
         for named in self.weight_buckets():
             with self.gathered([p for _, p in named]):
                 if self.rank == 0:
                     tensors = [(n, p.detach().to("cpu")) for n, p in named]
                     nbytes += sum(t.numel() * t.element_size() for _, t in tensors)
                     refs.append(ray.put(tensors))
-        return (refs, nbytes) if self.rank == 0 else (None, 0)
+                    extra = max(extra, me.memory_full_info().uss - base)
+                    del tensors
+        return (refs, nbytes, extra / 2**20) if self.rank == 0 else (None, 0, 0.0)
+
+    def peak_rss_mb(self) -> float:
+        """The largest peak resident memory of any rank's process so far (VmHWM), in MiB.
+        Collective."""
+        import resource
+
+        return max(self.all_gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
     def weight_meta(self) -> dict:
         """Names, dtypes and full shapes of the policy's parameters (ZeRO-3 keeps ``ds_shape``)."""

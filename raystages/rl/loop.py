@@ -1,12 +1,13 @@
 """The RL loop, run SPMD by every learner rank inside Ray Train; rank 0 is the controller
 (verl's single-controller dataflow, as plain calls). One iteration — ``[0]``: rank 0 alone,
-``[0] -> all``: rank 0's result broadcast to every rank, ``all``: every rank, collectively::
+``[0] -> r``: rank 0 scatters the rows, rank r receiving only its own, ``r -> [0]``: every
+rank's rows gathered on rank 0, ``all``: every rank, collectively::
 
     gens    = pool.collect(submit(prompts, seeds))    [0]         rollout actors (vLLM / transformers)
-    batch   = collate(gens)                           [0] -> all  padded tensors, response mask
-    batch  |= learner.compute(batch)                  all         old/ref log-probs, entropy, values, RM
+    batch   = collate(gens)                           [0] -> r    padded tensors, response mask
+    batch  |= learner.compute(batch)                  all, r->[0] old/ref log-probs, entropy, values, RM
     scores  = score(prompts, responses)               [0]         oracle / callables / reward model
-    batch  |= advantages(spec, batch, scores, kl)     [0] -> all  GAE or group-relative (pure math)
+    batch  |= advantages(spec, batch, scores, kl)     [0] -> r    GAE or group-relative (pure math)
     stats   = learner.update(batch, kl, iteration)    all         PPO epochs over mini-batches
     sync    = weight_sync.sync()                      all         rank 0 pushes to every actor, versioned
 
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from raystages.rl.algos import AdaptiveKLController, FixedKLController
-from raystages.rl.batch import RunningMoments, advantages, collate, health, shape_scores
+from raystages.rl.batch import RunningMoments, advantages, collate, health, shape_scores, split_rows
 from raystages.rl.rewards import TextRewards, oracle_scores
 from raystages.train import engine
 from raystages.train.metrics import say
@@ -286,22 +287,30 @@ def train(ctx: Context, state: LoopState, log=None) -> dict:
             if a.one_step_off_policy and it + 1 < a.iterations:
                 pending = submit(ctx, it + 1)  # generated with the current weights, during the update
         t_gen = time.perf_counter() - t0
-        batch = learner.broadcast(collate(gens, ctx.tokenizer.pad_token_id) if ctx.controller else None)
-        batch.update(learner.compute(batch))
+        # The controller holds the whole batch; every other rank only its own rows.
+        full = collate(gens, ctx.tokenizer.pad_token_id) if ctx.controller else None
+        batch = learner.scatter(split_rows(full, learner.world) if ctx.controller else None)
+        computed = learner.compute(batch)
+        batch.update(computed)
+        parts = learner.gather(computed)
         t_compute = time.perf_counter() - t0 - t_gen
-        plan, metrics = _plan(ctx, batch, texts, gens, kl, moments) if ctx.controller else (None, {})
-        plan = learner.broadcast(plan)
+        plans, metrics = None, {}
+        if ctx.controller:
+            full.update({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+            plan, metrics = _plan(ctx, full, texts, gens, kl, moments)
+            plans = [plan | {"advantages": rows} for rows in split_rows(plan["advantages"], learner.world)]
+        plan = learner.scatter(plans)
         batch.update(plan["advantages"])
         t1 = time.perf_counter()
         stats = learner.update(batch, plan["kl_coef"], it)
         t_update = time.perf_counter() - t1
-        metrics |= stats | ctx.sync.sync()
+        metrics |= stats | ctx.sync.sync() | {"rank_peak_rss_mb": learner.peak_rss_mb()}
         state.iteration, state.version = it + 1, ctx.sync.version
         if ctx.controller:
             kl.update(metrics["kl_ref_k1"], len(gens))
             metrics |= {"iteration": it + 1, "kl_coef": kl.value, "gen_s": t_gen,
                         "stale_rollouts": sum(g.version != version for g in gens),
-                        "gen_tokens_per_s": batch["response_len"].sum().item() / max(t_gen, 1e-9),
+                        "gen_tokens_per_s": full["response_len"].sum().item() / max(t_gen, 1e-9),
                         "compute_s": t_compute, "update_s": t_update, "iteration_s": time.perf_counter() - t0,
                         "actor_restarts": ctx.pool.restarts}
             if ctx.resumed_from is not None:

@@ -56,16 +56,18 @@ class WeightSync:
         self.version = version
         t0 = time.perf_counter()
         t_pub = 0.0
+        extra = {}
         if self.use_nccl:
             nbytes = _nccl_sync(self.learner, self.pool, version)
         else:
-            ref, nbytes = self.learner.publish_weights()
+            refs, nbytes, extra_mb = self.learner.publish_weights()
+            extra = {"sync_extra_peak_mb": extra_mb}
             t_pub = time.perf_counter() - t0
             if self.pool is not None:
-                self.pool.update_weights(ref, version)
+                self.pool.update_weights(refs, version)
         dt = time.perf_counter() - t0
         return {"version": version, "sync_s": dt, "sync_publish_s": t_pub, "sync_bytes": nbytes,
-                "sync_bytes_per_s": nbytes / max(dt, 1e-9)}
+                "sync_bytes_per_s": nbytes / max(dt, 1e-9)} | extra
 
 
 def buckets(sizes: list[int], limit: int) -> list[list[int]]:

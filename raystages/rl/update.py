@@ -34,9 +34,9 @@ def logprobs_of(w, model, ids, attn):
 
 @torch.no_grad()
 def forward_batch(w, batch: dict) -> dict:
-    """For this rank's contiguous shard: old/ref log-probs, entropy, values, RM scores."""
+    """For this rank's rows ``batch`` (``(b, L)``): old/ref log-probs, entropy, values, RM scores."""
     B, L = batch["input_ids"].shape
-    rows = torch.arange(B).tensor_split(w.world)[w.rank]
+    rows = torch.arange(B)
     out = {k: [] for k in ("old_logprobs", "ref_logprobs", "entropy", "values", "rm_scores")}
     w.policy.eval()
     for micro in rows.split(w.spec.optim.micro_batch_size):
@@ -55,12 +55,20 @@ def forward_batch(w, batch: dict) -> dict:
 
 
 def ppo_update(w, batch: dict, kl_coef: float, iteration: int) -> dict:
-    """PPO epochs over seeded mini-batches; returns token-weighted means over all ranks."""
+    """PPO epochs over seeded mini-batches of this rank's rows ``batch`` (``(b, ...)``, its
+    shard of the ``B = b * world`` rows); returns token-weighted means over all ranks.
+
+    Each epoch, every rank permutes its own rows (seeded by run seed, iteration, epoch and
+    rank) and cuts them into ``B / mini_batch_size`` pieces: optimizer step ``k`` trains on
+    piece ``k`` of every rank, ``mini_batch_size`` rows in all. One all-reduce per epoch
+    gives each mini-batch's token and sequence counts over all ranks.
+    """
     import torch.distributed as dist
 
     spec, a = w.spec, w.spec.algo
     placement, kind = spec.kl.resolved(a.name)
-    B = batch["input_ids"].shape[0]
+    b = batch["input_ids"].shape[0]
+    steps_per_epoch = b * w.world // a.mini_batch_size
     sums: dict[str, float] = {}
 
     def add(name, value, weight):
@@ -70,15 +78,17 @@ def ppo_update(w, batch: dict, kl_coef: float, iteration: int) -> dict:
     if w.critic is not None:
         w.critic.train()
     for epoch in range(a.ppo_epochs):
-        g = torch.Generator().manual_seed(spec.run.seed * 100003 + iteration * 101 + epoch)
-        for mb in torch.randperm(B, generator=g).split(a.mini_batch_size):
-            mine = mb.view(w.world, -1)[w.rank]
-            # Token/sequence counts of the whole mini-batch over all ranks: every rank holds
-            # the full batch, so no all-reduce is needed. Each micro-batch loss is divided by
-            # them and multiplied by the world size (DeepSpeed averages gradients over ranks):
-            # the summed gradient is exactly the mini-batch's (see aggregate_loss).
-            n_tok = float(batch["mask"][mb].sum())
-            n_seq = float((batch["mask"][mb].sum(1) > 0).sum())
+        g = torch.Generator().manual_seed(spec.run.seed * 100003 + iteration * 101 + epoch + 7919 * w.rank)
+        pieces = torch.randperm(b, generator=g).tensor_split(steps_per_epoch)
+        # Token/sequence counts of each whole mini-batch over all ranks. Each micro-batch
+        # loss is divided by them and multiplied by the world size (DeepSpeed averages
+        # gradients over ranks): the summed gradient is exactly the mini-batch's (see
+        # aggregate_loss).
+        counts = torch.tensor([[float(batch["mask"][p].sum()), float((batch["mask"][p].sum(1) > 0).sum())]
+                               for p in pieces], dtype=torch.float64)
+        if w.world > 1:
+            dist.all_reduce(counts)
+        for mine, (n_tok, n_seq) in zip(pieces, counts.tolist()):
             for micro in mine.split(spec.optim.micro_batch_size):
                 ids, attn, width = _trim(batch, micro)
                 m = batch["mask"][micro][:, :width - 1].to(w.device)
@@ -115,7 +125,7 @@ def ppo_update(w, batch: dict, kl_coef: float, iteration: int) -> dict:
     t = torch.tensor([sums[n] for n in names], dtype=torch.float64)
     dist.all_reduce(t)
     total = dict(zip(names, t.tolist()))
-    steps = a.ppo_epochs * (B // a.mini_batch_size)
+    steps = a.ppo_epochs * steps_per_epoch
     out = {}
     for n, v in total.items():
         if n in ("policy_loss", "value_loss"):
