@@ -25,10 +25,10 @@ DEFAULTS = {"hidden": 768, "layers": 7, "intermediate": 2048, "heads": 12, "iter
             "micro_batch_size": 4, "max_new_tokens": 16, "bucket_mb": 16.0}
 
 
-def _peaks(run_dir: Path) -> tuple[float, float]:
-    """The run's largest ``rank_peak_rss_mb`` and ``sync_extra_peak_mb`` over its iterations."""
+def _peaks(run_dir: Path) -> tuple[float, list[float]]:
+    """The run's largest ``rank_peak_rss_mb``, and its ``sync_extra_peak_mb`` per iteration."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return max(r["rank_peak_rss_mb"] for r in rows), max(r["sync_extra_peak_mb"] for r in rows)
+    return max(r["rank_peak_rss_mb"] for r in rows), [round(r["sync_extra_peak_mb"], 1) for r in rows]
 
 
 def run(overrides: list[str] | None = None) -> dict:
@@ -56,7 +56,8 @@ def run(overrides: list[str] | None = None) -> dict:
                             rollout={"engine": "hf", "sync_bucket_mb": o["bucket_mb"]}, name=f"bench-memory-{world}")
             rss, extra = _peaks(rl.run(spec).run_dir)
             out["per_rank_peak_rss_mb"][str(world)] = round(rss, 1)
-            out["sync_extra_peak_mb"][str(world)] = round(extra, 1)
+            out["sync_extra_peak_mb"][str(world)] = max(extra)
+            out.setdefault("sync_extra_peak_mb_by_iteration", {})[str(world)] = extra
     peaks = out["per_rank_peak_rss_mb"]
     out["ratio_2_over_1"] = round(peaks["2"] / peaks["1"], 3)
     out["sync_bucket_mb"] = o["bucket_mb"]

@@ -10,8 +10,8 @@ for them shrinks as the group grows. A reward model that re-tokenises text
 
 The ranks are the workers of a ``TorchTrainer`` (:mod:`raystages.stages.rl` fits it) and all
 run the RL loop of :mod:`raystages.rl.loop`, SPMD. Rank 0 is also the controller: it talks to
-the rollout actors, scores and computes advantages, and hands its results to the other ranks
-with :meth:`Learner.broadcast`. Ray Train owns the process group and restarts the group from
+the rollout actors, scores and computes advantages, and hands each other rank its part with
+:meth:`Learner.scatter`. Ray Train owns the process group and restarts the group from
 its last reported checkpoint when a worker dies; DeepSpeed reuses that group.
 
 Each rank receives only its own rows of a batch — a contiguous shard, scattered by the
