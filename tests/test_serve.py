@@ -231,8 +231,8 @@ def test_api_key_required_everywhere_but_health(app):
         openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
 
 
-@pytest.mark.parametrize("name,route,body,status,param", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
-def test_bad_request_gets_openai_error_and_server_keeps_serving(app, name, route, body, status, param):
+@pytest.mark.parametrize("name,route,body,status,param,code", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_gets_openai_error_and_server_keeps_serving(app, name, route, body, status, param, code):
     r = post(app[0], route, body, HDR)
     assert r.status_code == status, r.text
     err = r.json()
@@ -242,6 +242,8 @@ def test_bad_request_gets_openai_error_and_server_keeps_serving(app, name, route
     assert r.headers["x-request-id"], r.headers  # the id the server logged the detail under
     if param is not None:
         assert err["error"]["param"] == param, err
+    if code is not None:
+        assert err["error"]["code"] == code, err
     ok = post(app[0], "completions", {"model": "pretrain", "prompt": "ab =", "max_tokens": 1}, HDR)
     assert ok.status_code == 200, ok.text
 
