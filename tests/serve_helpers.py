@@ -75,6 +75,69 @@ def openapi_request_fields(schema: str) -> set[str]:
     return out
 
 
+class RecordingTransport:
+    """An ``httpx`` transport over the real one that keeps every response body (streams
+    read to the end first), so a test can check each against the OpenAPI schema after the
+    ``openai`` client has parsed it."""
+
+    def __init__(self):
+        import httpx
+
+        self.inner, self.seen = httpx.HTTPTransport(), []
+
+    def handle_request(self, request):
+        import httpx
+
+        r = self.inner.handle_request(request)
+        body = r.read()
+        r.close()
+        self.seen.append((request.url.path, r.status_code, body))
+        headers = [(k, v) for k, v in r.headers.items() if k.lower() not in ("content-length", "transfer-encoding")]
+        return httpx.Response(r.status_code, headers=headers, content=body, request=request)
+
+    def close(self):
+        self.inner.close()
+
+
+def check_recorded_bodies(seen: list[tuple[str, int, bytes]], score_schema: dict) -> list[str]:
+    """Validate each recorded body against its OpenAPI schema (ours for ``/v1/score``);
+    returns the schema names checked, one per body or stream chunk."""
+    import jsonschema
+
+    checked = []
+    for path, status, raw in seen:
+        text = raw.decode()
+        if status >= 400:
+            validate(json.loads(text), "ErrorResponse")
+            checked.append("ErrorResponse")
+        elif path.endswith("/score"):
+            jsonschema.validate(json.loads(text), score_schema)
+            checked.append("ScoreResponse")
+        elif path.endswith("/models"):
+            validate(json.loads(text), "ListModelsResponse")
+            checked.append("ListModelsResponse")
+        elif "/models/" in path:
+            validate(json.loads(text), "Model")
+            checked.append("Model")
+        elif text.startswith("data:"):
+            events = sse_events(text)
+            assert events[-1] == "[DONE]", text[-200:]
+            chat = path.endswith("/chat/completions")
+            for e in events[:-1]:
+                chunk = json.loads(e)
+                # Completion chunks stream `finish_reason: null` until the last, as OpenAI's do
+                # (its schema says non-null; see test_streams_end_in_done_and_match_non_streamed).
+                final = not chunk["choices"] or chunk["choices"][0]["finish_reason"] is not None
+                validate(chunk, "CreateChatCompletionStreamResponse" if chat else "CreateCompletionResponse",
+                         nullable_finish_reason=not chat and not final)
+                checked.append("CreateChatCompletionStreamResponse" if chat else "CreateCompletionResponse(chunk)")
+        else:
+            name = "CreateChatCompletionResponse" if path.endswith("/chat/completions") else "CreateCompletionResponse"
+            validate(json.loads(text), name)
+            checked.append(name)
+    return checked
+
+
 def sse_events(text: str) -> list[str]:
     """The ``data:`` payloads of a server-sent-events body, in order."""
     return [line[6:] for line in text.split("\n") if line.startswith("data: ")]
