@@ -66,6 +66,78 @@ def validate(body: dict, schema: str, nullable_finish_reason: bool = False) -> N
         raise AssertionError(f"{schema} at {list(e.absolute_path)}: {e.message[:300]}\n{dumps(body)}")
 
 
+def openapi_request_fields(schema: str) -> set[str]:
+    """The properties of an OpenAPI request schema, through its ``allOf`` parts."""
+    schemas = _openapi()["components"]["schemas"]
+    out: set[str] = set()
+    for part in schemas[schema].get("allOf", [schemas[schema]]):
+        out |= openapi_request_fields(part["$ref"].rsplit("/", 1)[1]) if "$ref" in part else set(part.get("properties", {}))
+    return out
+
+
+class RecordingTransport:
+    """An ``httpx`` transport over the real one that keeps every response body (streams
+    read to the end first), so a test can check each against the OpenAPI schema after the
+    ``openai`` client has parsed it."""
+
+    def __init__(self):
+        import httpx
+
+        self.inner, self.seen = httpx.HTTPTransport(), []
+
+    def handle_request(self, request):
+        import httpx
+
+        r = self.inner.handle_request(request)
+        body = r.read()
+        r.close()
+        self.seen.append((request.url.path, r.status_code, body))
+        headers = [(k, v) for k, v in r.headers.items() if k.lower() not in ("content-length", "transfer-encoding")]
+        return httpx.Response(r.status_code, headers=headers, content=body, request=request)
+
+    def close(self):
+        self.inner.close()
+
+
+def check_recorded_bodies(seen: list[tuple[str, int, bytes]], score_schema: dict) -> list[str]:
+    """Validate each recorded body against its OpenAPI schema (ours for ``/v1/score``);
+    returns the schema names checked, one per body or stream chunk."""
+    import jsonschema
+
+    checked = []
+    for path, status, raw in seen:
+        text = raw.decode()
+        if status >= 400:
+            validate(json.loads(text), "ErrorResponse")
+            checked.append("ErrorResponse")
+        elif path.endswith("/score"):
+            jsonschema.validate(json.loads(text), score_schema)
+            checked.append("ScoreResponse")
+        elif path.endswith("/models"):
+            validate(json.loads(text), "ListModelsResponse")
+            checked.append("ListModelsResponse")
+        elif "/models/" in path:
+            validate(json.loads(text), "Model")
+            checked.append("Model")
+        elif text.startswith("data:"):
+            events = sse_events(text)
+            assert events[-1] == "[DONE]", text[-200:]
+            chat = path.endswith("/chat/completions")
+            for e in events[:-1]:
+                chunk = json.loads(e)
+                # Completion chunks stream `finish_reason: null` until the last, as OpenAI's do
+                # (its schema says non-null; see test_streams_end_in_done_and_match_non_streamed).
+                final = not chunk["choices"] or chunk["choices"][0]["finish_reason"] is not None
+                validate(chunk, "CreateChatCompletionStreamResponse" if chat else "CreateCompletionResponse",
+                         nullable_finish_reason=not chat and not final)
+                checked.append("CreateChatCompletionStreamResponse" if chat else "CreateCompletionResponse(chunk)")
+        else:
+            name = "CreateChatCompletionResponse" if path.endswith("/chat/completions") else "CreateCompletionResponse"
+            validate(json.loads(text), name)
+            checked.append(name)
+    return checked
+
+
 def sse_events(text: str) -> list[str]:
     """The ``data:`` payloads of a server-sent-events body, in order."""
     return [line[6:] for line in text.split("\n") if line.startswith("data: ")]
@@ -121,7 +193,7 @@ def task_prompts(n: int) -> list[str]:
 
 LONG = "a " * 600  # over the served context of every test checkpoint
 
-# (name, route, body or raw bytes, expected status, expected param or None)
+# (name, route, body or raw bytes, expected status, expected param or None[, expected code])
 BAD_REQUESTS = [
     ("malformed json", "completions", b'{"model": "pretrain", "prompt": ', 400, None),
     ("body not an object", "completions", b'["pretrain"]', 400, None),
@@ -129,7 +201,8 @@ BAD_REQUESTS = [
     ("missing messages", "chat/completions", {"model": "pretrain"}, 400, "messages"),
     ("unknown model", "completions", {"model": "nope", "prompt": "a"}, 404, "model"),
     ("unknown model chat", "chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "a"}]}, 404, "model"),
-    ("scoring model for generation", "completions", {"model": "reward", "prompt": "a"}, 400, "model"),
+    ("scoring model for generation", "completions", {"model": "reward", "prompt": "a"}, 404, "model", "model_not_supported"),
+    ("scoring model for chat", "chat/completions", {"model": "reward", "messages": [{"role": "user", "content": "a"}]}, 404, "model", "model_not_supported"),
     ("max_tokens zero", "completions", {"model": "pretrain", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
     ("max_tokens negative", "chat/completions", {"model": "pretrain", "messages": [{"role": "user", "content": "a"}], "max_tokens": -5}, 400, "max_tokens"),
     ("max_tokens beyond context", "completions", {"model": "pretrain", "prompt": "a", "max_tokens": 100000}, 400, "max_tokens"),
@@ -143,12 +216,25 @@ BAD_REQUESTS = [
     ("score without responses", "score", {"model": "reward", "prompt": "a"}, 400, "responses"),
     ("score empty responses", "score", {"model": "reward", "prompt": "a", "responses": []}, 400, "responses"),
     ("score unknown model", "score", {"model": "nope", "prompt": "a", "responses": ["b"]}, 404, "model"),
-    ("score generation model", "score", {"model": "pretrain", "prompt": "a", "responses": ["b"]}, 404, "model"),
+    ("score generation model", "score", {"model": "pretrain", "prompt": "a", "responses": ["b"]}, 404, "model", "model_not_supported"),
     ("lone surrogate in prompt", "completions", b'{"model": "pretrain", "prompt": "a\\ud800b", "max_tokens": 1}', 400, "prompt"),
     ("lone surrogate in chat", "chat/completions",
      b'{"model": "pretrain", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "messages.0.content"),
     ("score response too long", "score", {"model": "reward", "prompt": "a", "responses": [LONG]}, 400, "responses"),
+    # Strict validation, as OpenAI's (each rule's messages: tests/test_serve_requests.py).
+    ("unknown role", "chat/completions", {"model": "pretrain", "messages": [{"role": "wizard", "content": "a"}]}, 400, "messages.0.role", "invalid_value"),
+    ("tool role", "chat/completions", {"model": "pretrain", "messages": [{"role": "tool", "content": "a"}]}, 400, "messages.0.role", "invalid_value"),
+    ("message without role", "chat/completions", {"model": "pretrain", "messages": [{"content": "a"}]}, 400, "messages.0.role", "missing_required_parameter"),
+    ("max_tokens as a string", "chat/completions", {"model": "pretrain", "messages": [{"role": "user", "content": "a"}], "max_tokens": "16"}, 400, "max_tokens", "invalid_type"),
+    ("unknown field", "completions", {"model": "pretrain", "prompt": "a", "top_k": 3}, 400, "top_k", "unknown_parameter"),
+    ("unsupported field", "chat/completions", {"model": "pretrain", "messages": [{"role": "user", "content": "a"}], "tools": []}, 400, "tools", "unsupported_parameter"),
+    ("five stop strings", "completions", {"model": "pretrain", "prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, 400, "stop", "invalid_value"),
+    ("n over the spec's max_n", "completions", {"model": "pretrain", "prompt": "a", "n": 17}, 400, "n", "invalid_value"),
+    ("prompt plus max_tokens over context", "completions", {"model": "pretrain", "prompt": "ab = ba", "max_tokens": 511}, 400, "max_tokens", "context_length_exceeded"),
+    ("chat plus max_tokens over context", "chat/completions", {"model": "pretrain", "messages": [{"role": "user", "content": "ab"}], "max_tokens": 510}, 400, "max_tokens", "context_length_exceeded"),
+    ("score unknown field", "score", {"model": "reward", "responses": ["b"], "top_k": 1}, 400, "top_k", "unknown_parameter"),
 ]
+BAD_REQUESTS = [(*case, None) if len(case) == 5 else case for case in BAD_REQUESTS]
 
 
 def no_internals(message: str) -> bool:

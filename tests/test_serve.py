@@ -231,8 +231,8 @@ def test_api_key_required_everywhere_but_health(app):
         openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
 
 
-@pytest.mark.parametrize("name,route,body,status,param", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
-def test_bad_request_gets_openai_error_and_server_keeps_serving(app, name, route, body, status, param):
+@pytest.mark.parametrize("name,route,body,status,param,code", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_gets_openai_error_and_server_keeps_serving(app, name, route, body, status, param, code):
     r = post(app[0], route, body, HDR)
     assert r.status_code == status, r.text
     err = r.json()
@@ -242,6 +242,106 @@ def test_bad_request_gets_openai_error_and_server_keeps_serving(app, name, route
     assert r.headers["x-request-id"], r.headers  # the id the server logged the detail under
     if param is not None:
         assert err["error"]["param"] == param, err
+    if code is not None:
+        assert err["error"]["code"] == code, err
+    ok = post(app[0], "completions", {"model": "pretrain", "prompt": "ab =", "max_tokens": 1}, HDR)
+    assert ok.status_code == 200, ok.text
+
+
+def test_official_client_in_strict_mode_on_every_route_and_every_body_in_openai_schema(app):
+    """The `openai` client (strict response validation) on every route, each answer's raw
+    body (every stream chunk, every error) checked against OpenAI's OpenAPI schema."""
+    import httpx
+    import openai
+
+    from raystages.serve.requests import ScoreResponse
+    from serve_helpers import RecordingTransport, check_recorded_bodies
+
+    class Score(openai.BaseModel):  # what the client parses /v1/score into (the schema check is below)
+        id: str
+        model: str
+        data: list[dict]
+
+    rec = RecordingTransport()
+    client = openai.OpenAI(base_url=app[0], api_key=KEY, _strict_response_validation=True, max_retries=0,
+                           http_client=httpx.Client(transport=rec, timeout=120))
+    msgs = [{"role": "developer", "content": "answer"}, {"role": "user", "content": task_prompts(1)[0]}]
+    assert [m.id for m in client.models.list()] == ["pretrain", "sft", "reward"]
+    assert client.models.retrieve("sft").id == "sft"
+    r = client.chat.completions.create(model="pretrain", messages=msgs, max_tokens=6, n=2, seed=1, stop=["\n"],
+                                       user="u1")
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    for chunk in client.chat.completions.create(model="pretrain", messages=msgs, max_tokens=6, stream=True,
+                                                stream_options={"include_usage": True}):
+        pass
+    assert chunk.usage is not None and chunk.usage.completion_tokens >= 1
+    client.completions.create(model="pretrain", prompt=["ab =", "ba ="], max_tokens=4, temperature=0)
+    # Streamed completions: the client's Completion type (like OpenAI's schema) wants a
+    # non-null finish_reason that OpenAI's own chunks do not have until the last one, so
+    # this stream is read without the client; its chunks are still checked below.
+    raw = httpx.Client(transport=rec, timeout=120).post(f"{app[0]}/completions", headers=HDR, json={
+        "model": "sft", "prompt": "ab =", "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}})
+    assert raw.status_code == 200 and len(sse_events(raw.text)) >= 3
+    if app[1] == "vllm":  # logprobs: vLLM computes them; chat's carry OpenAI's `refusal`
+        r = client.chat.completions.create(model="pretrain", messages=msgs, max_tokens=3, logprobs=True, top_logprobs=2)
+        assert r.choices[0].logprobs.refusal is None and len(r.choices[0].logprobs.content[0].top_logprobs) == 2
+        for chunk in client.chat.completions.create(model="pretrain", messages=msgs, max_tokens=3, logprobs=True,
+                                                    stream=True):
+            pass
+        r = client.completions.create(model="pretrain", prompt="ab =", max_tokens=3, logprobs=1)
+        assert len(r.choices[0].logprobs.tokens) == r.usage.completion_tokens
+    else:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="pretrain", messages=msgs, max_tokens=3, logprobs=True)
+        assert e.value.body["code"] == "unsupported_parameter" and e.value.body["param"] == "logprobs"
+    score = client.post("/score", cast_to=Score, body={"model": "reward", "prompt": "a", "responses": ["b", "c"]})
+    assert [d["index"] for d in score.data] == [0, 1]
+    # The same mistake, the same answer on every route: a model of the wrong kind is a 404.
+    for call in (lambda: client.chat.completions.create(model="reward", messages=msgs),
+                 lambda: client.completions.create(model="reward", prompt="a"),
+                 lambda: client.post("/score", cast_to=Score, body={"model": "sft", "responses": ["b"]})):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert (e.value.body["param"], e.value.body["code"]) == ("model", "model_not_supported")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="pretrain", messages=msgs, extra_body={"top_k": 2})
+    assert e.value.body["param"] == "top_k" and e.value.body["message"] == "Unknown parameter: 'top_k'."
+    checked = check_recorded_bodies(rec.seen, ScoreResponse.model_json_schema())
+    assert {"ListModelsResponse", "Model", "CreateChatCompletionResponse", "CreateChatCompletionStreamResponse",
+            "CreateCompletionResponse", "CreateCompletionResponse(chunk)", "ScoreResponse", "ErrorResponse"} <= set(checked)
+
+
+def test_a_dropped_stream_logs_one_line_without_a_traceback(app, ray_session):
+    """A client that goes away mid-stream is routine: Serve's proxy logs one INFO line
+    about it (the engine's call is cancelled), and nothing logs an ERROR or a traceback;
+    the server keeps serving. (Serve's logs carry our x-request-id as the request id.)"""
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    logs = Path(ray_session._private.worker._global_node.get_logs_dir_path()) / "serve"
+    rid = f"drop-{app[1]}-{time.time_ns()}"
+    with httpx.stream("POST", f"{app[0]}/chat/completions", timeout=60, headers={**HDR, "x-request-id": rid}, json={
+            "model": "sft", "messages": [{"role": "user", "content": "ab"}], "max_tokens": 200, "stream": True,
+            "temperature": 1.0, "seed": 0}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for _ in range(3):  # a few tokens in, then the client goes
+            next(lines)
+    mentions: list[str] = []
+    for _ in range(120):  # bounded: until the proxy has logged the drop and the ingress the request's end
+        mentions = [ln for f in logs.glob("*.log") for ln in f.read_text(errors="replace").splitlines() if rid in ln]
+        if any("disconnect" in ln for ln in mentions) and any("_Ingress" in ln and "POST" in ln for ln in mentions):
+            break
+        time.sleep(0.5)
+    about = [ln for ln in mentions if "disconnect" in ln]
+    assert len(about) == 1 and about[0].startswith("INFO") and "proxy" in about[0], mentions
+    assert not any(" ERROR " in ln or ln.startswith("ERROR") for ln in mentions), mentions
+    for f in logs.glob("*.log"):  # no traceback after the drop, in any of Serve's logs
+        text = f.read_text(errors="replace")
+        if rid in text:
+            assert "Traceback" not in text[text.index(rid):], (f, text[text.index(rid):][:3000])
     ok = post(app[0], "completions", {"model": "pretrain", "prompt": "ab =", "max_tokens": 1}, HDR)
     assert ok.status_code == 200, ok.text
 

@@ -44,7 +44,7 @@ class ServedModel:
     max_model_len: int
 
     def info(self) -> dict:
-        return {"kind": self.kind, "created": self.created, "max_model_len": self.max_model_len,
+        return {"kind": self.kind, "created": self.created, "max_model_len": self.max_model_len, "max_n": self.spec.max_n,
                 "stage": self.stage, "root": self.spec.path}
 
 

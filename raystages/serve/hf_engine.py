@@ -69,7 +69,9 @@ class HFEngine:
         self._decode.set_max_batch_size(max_batch_size)
         self._decode.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
-    def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    def prompt_ids(self, prompt: str | list[int] | None = None, messages: list[dict] | None = None) -> list[int]:
+        if isinstance(prompt, list):  # already token ids
+            return prompt
         if messages is not None:
             text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
@@ -89,7 +91,7 @@ class HFEngine:
             return
         jobs = []
         for p, ids in enumerate(prompts):
-            err = self._check_length(len(ids), req.get("max_tokens"))
+            err = self._check_length(len(ids), req.get("max_tokens"), "messages" in req)
             if err:
                 yield err
                 return
@@ -124,15 +126,11 @@ class HFEngine:
         for t in tasks:
             t.result()  # re-raise a decoding failure instead of returning a silent short stream
 
-    def _check_length(self, n_prompt: int, max_tokens: int | None) -> dict | None:
-        if n_prompt >= self.max_len:
-            return {"error": f"This model's maximum context length is {self.max_len} tokens; the prompt has "
-                             f"{n_prompt}.", "param": "prompt", "code": "context_length_exceeded"}
-        if max_tokens is not None and n_prompt + max_tokens > self.max_len:
-            return {"error": f"This model's maximum context length is {self.max_len} tokens; {n_prompt} prompt "
-                             f"tokens + max_tokens={max_tokens} exceed it.", "param": "max_tokens",
-                    "code": "context_length_exceeded"}
-        return None
+    def _check_length(self, n_prompt: int, max_tokens: int | None, chat: bool) -> dict | None:
+        from raystages.serve.requests import context_error
+
+        err = context_error(n_prompt, max_tokens, self.max_len, "messages" if chat else "prompt")
+        return err and {"error": err.message, "param": err.param, "code": err.code}
 
     def _sample(self, logits, jobs: list[Job], gens):
         """``(rows, vocab)`` logits -> ``(rows,)`` next tokens: argmax where temperature is 0,

@@ -1,7 +1,7 @@
 """The OpenAI routes in front of the transformers engine (``hf_engine.HFEngine``).
 
 With vLLM, Ray Serve LLM provides these routes; without it this module does, with the
-same paths, the same request fields (the subset below), the same response shapes and the
+same paths, the same strict request models (``requests``), the same response shapes and the
 same errors, so clients cannot tell which engine answers.
 """
 
@@ -10,35 +10,21 @@ from __future__ import annotations
 import time
 import uuid
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, StreamingResponse
 
-from raystages.serve.routes import ApiError, Message, StagesRoutes, reject_invalid_text, sse
+from raystages.serve.requests import ChatRequest, CompletionRequest
+from raystages.serve.routes import ApiError, StagesRoutes, reject_invalid_text, sse
+
+# Request fields valid for OpenAI (and vLLM) that this engine cannot honour: a 400 naming
+# the field when sent with a value that would change the answer, never silently ignored.
+_NOT_ON_THIS_ENGINE = ("logprobs", "top_logprobs", "echo", "presence_penalty", "frequency_penalty", "logit_bias")
 
 
-class _Sampling(BaseModel):
-    # Unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as vLLM does.
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1, description="New tokens at most; default 16 (completions) or the rest of the context (chat).")
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = Field(None, max_length=4)
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    logprobs: None = Field(None, description="Not supported by the transformers engine.")
-
-
-class CompletionBody(_Sampling):
-    prompt: str | list[str] = Field(..., min_length=1)
-    max_tokens: int | None = Field(16, ge=1)
-
-
-class ChatBody(_Sampling):
-    messages: list[Message] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+def _refuse_unsupported(body) -> None:
+    for name in _NOT_ON_THIS_ENGINE:
+        if getattr(body, name, None):
+            raise ApiError(400, f"Unsupported parameter: '{name}' is not supported by the transformers engine.",
+                           name, "unsupported_parameter")
 
 
 class HFIngress(StagesRoutes):
@@ -46,15 +32,12 @@ class HFIngress(StagesRoutes):
         self._engines = {name: h.options(stream=True) for name, h in engines.items()}
         self._init_routes(models_info, scorers)
 
-    async def completions(self, body: CompletionBody, request: Request):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        return await self._run(body, request, {"prompts": prompts, "max_tokens": body.max_tokens}, chat=False)
+    async def completions(self, body: CompletionRequest, request: Request):
+        return await self._run(body, request, {"prompts": body.prompts(), "max_tokens": body.max_tokens}, chat=False)
 
-    async def chat(self, body: ChatBody, request: Request):
-        messages = [m.model_dump() for m in body.messages]
-        return await self._run(body, request, {"messages": messages,
-                                               "max_tokens": body.max_completion_tokens or body.max_tokens},
-                               chat=True)
+    async def chat(self, body: ChatRequest, request: Request):
+        return await self._run(body, request, {"messages": body.template_messages(),
+                                               "max_tokens": body.output_limit()}, chat=True)
 
     async def _probe_generation(self, name: str) -> bool:
         events = self._engines[name].generate.remote(
@@ -65,11 +48,13 @@ class HFIngress(StagesRoutes):
             pass
         return ok
 
-    async def _run(self, body: _Sampling, request: Request, req: dict, chat: bool):
-        name = request.state.model = self._generation_model(body.model)
+    async def _run(self, body: ChatRequest | CompletionRequest, request: Request, req: dict, chat: bool):
+        name = request.state.model = self._generation_model(body)
         reject_invalid_text({k: getattr(body, k, None) for k in ("prompt", "messages", "stop")})
+        _refuse_unsupported(body)
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
-        req.update(temperature=body.temperature, top_p=body.top_p, n=body.n, stop=stop, seed=body.seed,
+        req.update(temperature=1.0 if body.temperature is None else body.temperature,
+                   top_p=1.0 if body.top_p is None else body.top_p, n=body.n, stop=stop, seed=body.seed,
                    stream=body.stream)
         events = self._engines[name].generate.remote(req)
         first = await events.__anext__()
@@ -80,7 +65,7 @@ class HFIngress(StagesRoutes):
                 "created": int(time.time()), "model": name}
         prompt_tokens = sum(first["prompt_tokens"])
         if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
+            usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(head, events, chat, prompt_tokens, usage),
                                      media_type="text/event-stream")
         texts, finish, used = {}, {}, {}

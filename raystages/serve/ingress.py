@@ -9,8 +9,12 @@ template, streaming, sampling parameters, usage — by handing requests to vLLM 
 - ``/v1/score`` on a reward-model scorer deployment, and ``/health`` for load balancers;
 - the API-key check and OpenAI-shaped errors (``routes.make_api``); an unknown model is
   a 404 with code ``model_not_found`` before anything reaches an engine;
-- response bodies without the ``null`` vLLM-only extras that the OpenAI schema does not
-  allow (e.g. ``usage.prompt_tokens_details: null``).
+- OpenAI's strict request validation (``requests``: the bodies are validated there, then
+  handed to Ray's own request models), and a 400 ``context_length_exceeded`` where the
+  prompt plus ``max_tokens`` does not fit (vLLM would silently shorten the reply);
+- response bodies as OpenAI's schema has them: without the ``null`` vLLM-only extras that
+  it does not allow (e.g. ``usage.prompt_tokens_details: null``), with ``refusal`` in chat
+  ``logprobs``.
 
 Importing this module needs vLLM (``ray.serve.llm`` imports it).
 """
@@ -20,32 +24,13 @@ from __future__ import annotations
 import json
 
 from fastapi import Request
-from ray.llm._internal.serve.core.configs.openai_api_models import (ChatCompletionRequest,
-                                                                    CompletionRequest)
+from ray.llm._internal.serve.core.configs import openai_api_models as ray_api
 from ray.serve.llm.ingress import OpenAiIngress
 from starlette.responses import JSONResponse, Response
 
-from raystages.serve.routes import (ApiError, ScoreBody, StagesRoutes, as_api_error, engine_error,  # noqa: F401
-                                    reject_invalid_text, request_id)
-
-# Null-valued keys dropped from vLLM's bodies: the first group fails the OpenAI schema when
-# null (it types them object/array), the second is vLLM-only noise. `refusal`, `audio`,
-# `service_tier` stay: the schema requires or allows them as null.
-_NOT_NULL = {"prompt_tokens_details", "completion_tokens_details", "function_call", "annotations", "tool_calls"}
-_VLLM_EXTRAS = _NOT_NULL | {"stop_reason", "token_ids", "prompt_logprobs", "prompt_token_ids", "routed_experts",
-                            "kv_transfer_params", "ec_transfer_params", "metrics", "prompt_text", "reasoning",
-                            "reasoning_content"}
-
-
-def drop_null_extras(obj):
-    """Recursively remove vLLM-only keys whose value is null (the OpenAI schema types them
-    as objects or leaves them out; ``null`` fails strict validation)."""
-    if isinstance(obj, dict):
-        return {k: drop_null_extras(v) for k, v in obj.items() if not (v is None and k in _VLLM_EXTRAS)}
-    if isinstance(obj, list):
-        return [drop_null_extras(v) for v in obj]
-    return obj
-
+from raystages.serve.requests import ChatRequest, CompletionRequest, context_error
+from raystages.serve.responses import openai_shape
+from raystages.serve.routes import StagesRoutes, as_api_error, engine_error, reject_invalid_text, request_id
 
 async def _clean_stream(body_iterator):
     """Re-emit an SSE stream with each ``data:`` event's JSON cleaned."""
@@ -54,7 +39,7 @@ async def _clean_stream(body_iterator):
         out = []
         for event in text.split("\n\n"):
             if event.startswith("data: {"):
-                event = "data: " + json.dumps(drop_null_extras(json.loads(event[6:])), separators=(",", ":"))
+                event = "data: " + json.dumps(openai_shape(json.loads(event[6:])), separators=(",", ":"))
             out.append(event)
         yield "\n\n".join(out)
 
@@ -63,12 +48,40 @@ class VLLMIngress(StagesRoutes, OpenAiIngress):
     def __init__(self, llm_deployments, model_cards, *, models_info, scorers, lora_paths=None):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self._init_routes(models_info, scorers)
+        self._tokenizers: dict = {}
 
-    async def _generate(self, body, request: Request, call_method: str) -> Response:
-        body.model = request.state.model = self._generation_model(body.model)
+    def _prompt_tokens(self, name: str, body: ChatRequest | CompletionRequest) -> list[int]:
+        """Each prompt's length in tokens, counted as vLLM counts them (chat: the rendered
+        template without special tokens added; completions: with them)."""
+        tok = self._tokenizers.get(name)
+        if tok is None:
+            from raystages.models import load_tokenizer
+
+            tok = self._tokenizers[name] = load_tokenizer(self._info[name]["root"])
+        if isinstance(body, ChatRequest):
+            text = tok.apply_chat_template(body.template_messages(), tokenize=False, add_generation_prompt=True)
+            return [len(tok(text, add_special_tokens=False)["input_ids"])]
+        return [len(p) if isinstance(p, list) else len(tok(p)["input_ids"]) for p in body.prompts()]
+
+    async def _generate(self, body: ChatRequest | CompletionRequest, request: Request) -> Response:
+        name = request.state.model = self._generation_model(body)
         reject_invalid_text({k: getattr(body, k, None) for k in ("prompt", "messages", "stop")})
+        # vLLM refuses a prompt over the context but shortens a reply that would overrun it;
+        # OpenAI refuses both. Only a request with an output limit can overrun.
+        if body.output_limit() is not None:
+            for n in self._prompt_tokens(name, body):
+                err = context_error(n, body.output_limit(), self._info[name]["max_model_len"],
+                                    "messages" if isinstance(body, ChatRequest) else "prompt")
+                if err:
+                    raise err
+        fields = {**body.requested(), "model": name}
+        if isinstance(body, ChatRequest):
+            fields["messages"] = body.template_messages()
+            ray_body, call = ray_api.ChatCompletionRequest.model_validate(fields), "chat"
+        else:
+            ray_body, call = ray_api.CompletionRequest.model_validate(fields), "completions"
         try:
-            response = await self._process_llm_request(body, call_method=call_method, raw_request=request)
+            response = await self._process_llm_request(ray_body, call_method=call, raw_request=request)
         except Exception as e:  # noqa: BLE001 - becomes an OpenAI error body
             raise as_api_error(e, request_id(request)) from None
         if isinstance(response, JSONResponse) and response.status_code >= 400:
@@ -76,22 +89,22 @@ class VLLMIngress(StagesRoutes, OpenAiIngress):
             raise engine_error(response.status_code, str(err.get("message", "")), request_id(request),
                                err.get("param"), err.get("code"))
         if isinstance(response, JSONResponse):
-            answer = drop_null_extras(json.loads(response.body))
+            answer = openai_shape(json.loads(response.body))
             request.state.usage = answer.get("usage")
             return JSONResponse(answer, status_code=response.status_code)
         response.body_iterator = _clean_stream(response.body_iterator)
         return response
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        return await self._generate(body, request, "completions")
+        return await self._generate(body, request)
 
     async def _probe_generation(self, name: str) -> bool:
-        probe = CompletionRequest(model=name, prompt="a", max_tokens=1, temperature=0.0)
+        probe = ray_api.CompletionRequest(model=name, prompt="a", max_tokens=1, temperature=0.0)
         response = await self._process_llm_request(probe, call_method="completions")
         return getattr(response, "status_code", 200) == 200
 
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        return await self._generate(body, request, "chat")
+    async def chat(self, body: ChatRequest, request: Request) -> Response:
+        return await self._generate(body, request)
 
     # The mixin's routes win over OpenAiIngress' same-named methods (MRO); spelled out
     # so the route map finds them on this class.

@@ -2,11 +2,9 @@
 errors), and the routes that do not generate: ``/v1/models``, ``/health``, ``/v1/score``.
 
 Nothing here imports vLLM or ``ray.serve.llm``, so the transformers engine can use it on
-machines without them. Errors always leave as
-
-    {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
-
-with a 4xx status for the client's mistakes, and the server keeps serving.
+machines without them. Errors leave as OpenAI's error body (``errors``) with a 4xx status
+for the client's mistakes, and the server keeps serving; request bodies are validated by the
+strict models in ``requests``.
 """
 
 from __future__ import annotations
@@ -17,108 +15,23 @@ import logging
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
+from raystages.serve.errors import (REQUEST_ID_HEADER, ApiError, as_api_error, engine_error,  # noqa: F401
+                                    error_response, reject_invalid_text)
 from raystages.serve.metrics import RequestTimer
+from raystages.serve.requests import ScoreRequest, ScoreResponse, check_n, validation_error
 
 HEALTH_PATHS = ("/health", "/ready", "/metrics")  # open without the API key: probes and scrapers
 # How long a model's engine may take to answer the readiness probe (one token) before
 # /ready calls it not ready: short, so a dead engine shows within seconds, not after
 # the request timeout (a busy engine answers one token in far less).
 READY_DEADLINE_S = 3.0
-_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                405: "invalid_request_error", 408: "timeout", 413: "invalid_request_error",
-                422: "invalid_request_error", 429: "rate_limit_error"}
-
-
-class ApiError(Exception):
-    """A request the server refuses, with what the OpenAI error body says about it."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-
-
-def error_response(err: ApiError) -> JSONResponse:
-    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(body, status_code=err.status, headers=headers)
-
-
-# What marks an engine's message as carrying internals (a stack trace, colour codes, actor
-# and process ids, file paths): such text goes to the server log, never to the client.
-_INTERNALS = re.compile(r"Traceback|\x1b\[|File \"|site-packages|ray::|pid=|ActorId|\bip=|\n")
-_LOG = logging.getLogger("raystages.serve")
-REQUEST_ID_HEADER = "x-request-id"
-
-
-def as_api_error(e: BaseException, request_id: str | None = None) -> ApiError:
-    """Map an exception from an engine (vLLM, Ray Serve LLM, ours) to an :class:`ApiError`.
-
-    A short one-line message from a request validator (vLLM's "maximum context length is
-    ...") reaches the client as it is; anything longer or carrying internals is replaced by
-    a fixed message for its class, and the detail is logged with the request id that the
-    response also carries in ``x-request-id``."""
-    if isinstance(e, ApiError):
-        return e
-    status = getattr(e, "status_code", None)
-    message = getattr(e, "message", None) or getattr(e, "detail", None) or str(e)
-    if status is None:
-        # Request validators (pydantic's, vLLM's VLLMClientError family) blame the client.
-        client = isinstance(e, (ValueError, TypeError)) or any(
-            c.__name__ == "VLLMClientError" for c in type(e).__mro__)
-        status = 400 if client else 500
-    return engine_error(int(status), str(message), request_id, exc=e)
-
-
-def engine_error(status: int, message: str, request_id: str | None = None, param: str | None = None,
-                 code: str | None = None, exc: BaseException | None = None) -> ApiError:
-    """The client's view of an engine's error (raised, or returned as an error body)."""
-    if status >= 500:  # the details go to the replica's log, not to the client
-        _LOG.error("request %s failed: %s", request_id or "-", message, exc_info=exc)
-        return ApiError(status, "The server had an error while processing the request.", code="internal_error")
-    message = re.sub(r"\s*\(Request ID: [^)]*\)", "", message.strip()).removeprefix(
-        "vllm.exceptions.VLLMValidationError: ")
-    if len(message) > 400 or _INTERNALS.search(message):
-        _LOG.warning("request %s refused: %s", request_id or "-", message)
-        return ApiError(status, "The request could not be processed: its input is invalid "
-                        "(for example text that is not valid Unicode).", None, "invalid_request")
-    named = re.search(r"\(parameter=(\w+)", message)
-    if "context length" in message or "max_model_len" in message:
-        code = "context_length_exceeded"
-    return ApiError(status, message, param or (named.group(1) if named else None), code)
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def reject_invalid_text(fields: dict[str, Any]) -> None:
-    """400 naming the field when any text in ``fields`` (prompts, messages, stop strings)
-    holds an unpaired UTF-16 surrogate: JSON allows ``"\\ud800"``, no tokenizer does."""
-    def walk(node, where):
-        if isinstance(node, str):
-            if _SURROGATE.search(node):
-                raise ApiError(400, f"{where}: not valid Unicode text (an unpaired surrogate)", where,
-                               "invalid_value")
-        elif isinstance(node, BaseModel):
-            walk(node.model_dump(), where)
-        elif isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{where}.{k}")
-        elif isinstance(node, (list, tuple)):
-            for i, v in enumerate(node):
-                walk(v, f"{where}.{i}")
-
-    for name, value in fields.items():
-        walk(value, name)
 
 
 def request_id(request: Request) -> str | None:
@@ -127,16 +40,7 @@ def request_id(request: Request) -> str | None:
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-    if err.get("type") == "json_invalid":
-        return error_response(ApiError(400, "The request body is not valid JSON.", None, "invalid_json"))
-    # Union members show up in the location ("prompt.str", "prompt.list[int]"): keep the field.
-    member = re.compile(r"^(str|int|float|bool|function-.*|.*\[.*)$")
-    param = ".".join(x for x in loc if not member.match(x)) or None
-    what = "missing required parameter" if err.get("type") == "missing" else err.get("msg", "invalid value")
-    code = "missing_required_parameter" if err.get("type") == "missing" else "invalid_value"
-    return error_response(ApiError(400, f"{param or 'body'}: {what}", param, code))
+    return error_response(validation_error(list(exc.errors())))
 
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -207,22 +111,6 @@ def make_api(api_key: str | None) -> FastAPI:
     return app
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ScoreBody(BaseModel):
-    """``POST /v1/score``: score each response to ``prompt`` with a reward model."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, description="Scoring model id; default: the only one served.")
-    prompt: str | None = Field(None, description="The user turn the responses answer.")
-    responses: list[str | list[Message]] = Field(..., min_length=1, max_length=512,
-                                                 description="Assistant replies, or whole conversations as message lists.")
-
-
 class StagesRoutes:
     """Mixed into each engine's ingress. ``models_info`` maps model id -> {kind: generate |
     score, created, max_model_len, stage, root}; ``scorers`` maps scoring ids -> handles."""
@@ -231,19 +119,32 @@ class StagesRoutes:
         self._info = models_info
         self._scorers = scorers
 
-    def _generation_model(self, name: str | None) -> str:
-        gen = [m for m, i in self._info.items() if i["kind"] == "generate"]
+    def _resolve_model(self, name: str | None, kind: str) -> str:
+        """The served model ``name`` names for a route serving ``kind`` (generate | score).
+        The same mistake gets the same answer on every route, as OpenAI answers it: an
+        unknown model and a model of the other kind are both 404 on ``model``."""
+        of_kind = sorted(m for m, i in self._info.items() if i["kind"] == kind)
+        what = "generation" if kind == "generate" else "scoring"
         if name is None:
-            if len(gen) == 1:
-                return gen[0]
-            raise ApiError(400, f"model: required when several models are served; one of {gen}", "model",
-                           "missing_required_parameter")
+            if len(of_kind) == 1:
+                return of_kind[0]
+            if not of_kind:
+                raise ApiError(404, f"No {what} model is served.", "model", "model_not_found")
+            raise ApiError(400, f"model: required when several {what} models are served; one of {of_kind}",
+                           "model", "missing_required_parameter")
         if name not in self._info:
             raise ApiError(404, f"The model `{name}` does not exist. Served: {sorted(self._info)}", "model",
                            "model_not_found")
-        if self._info[name]["kind"] != "generate":
-            raise ApiError(400, f"The model `{name}` is a scoring model: use POST /v1/score", "model",
-                           "model_not_supported")
+        if self._info[name]["kind"] != kind:
+            route = "POST /v1/score" if kind == "generate" else "/v1/completions or /v1/chat/completions"
+            raise ApiError(404, f"The model `{name}` is not a {what} model and is not supported on this route: "
+                           f"use {route}.", "model", "model_not_supported")
+        return name
+
+    def _generation_model(self, body) -> str:
+        """The generation model of a chat or completion request, with its per-model limits checked."""
+        name = self._resolve_model(body.model, "generate")
+        check_n(body.n, self._info[name]["max_n"])
         return name
 
     def _card(self, name: str) -> dict:
@@ -302,24 +203,17 @@ class StagesRoutes:
         """One greedy token from ``name``'s engine; True when it came back. Per engine."""
         raise NotImplementedError
 
-    async def score(self, body: ScoreBody, request: Request):
-        names = sorted(self._scorers)
-        name = body.model or (names[0] if len(names) == 1 else None)
-        if name is None:
-            raise ApiError(400 if names else 404, f"model: name one of the scoring models {names}" if names
-                           else "No scoring model is served.", "model", "model_not_found")
-        if name not in self._scorers:
-            raise ApiError(404, f"The model `{name}` is not a scoring model. Scoring: {names}", "model", "model_not_found")
-        request.state.model = name
-        responses = [r if isinstance(r, str) else [m.model_dump() for m in r] for r in body.responses]
-        out = await self._scorers[name].score.remote(body.prompt, responses)
+    async def score(self, body: ScoreRequest, request: Request):
+        name = request.state.model = self._resolve_model(body.model, "score")
+        reject_invalid_text({"prompt": body.prompt, "responses": body.responses})
+        out = await self._scorers[name].score.remote(body.prompt, body.layout())
         if "error" in out:
             raise ApiError(400, out["error"], out.get("param"), out.get("code"))
         request.state.usage = {"prompt_tokens": out["tokens"]}
-        return JSONResponse({
-            "id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": name,
-            "data": [{"object": "score", "index": i, "score": s} for i, s in enumerate(out["scores"])],
-            "usage": {"prompt_tokens": out["tokens"], "total_tokens": out["tokens"]}})
+        return JSONResponse(ScoreResponse(
+            id=f"score-{uuid.uuid4().hex}", created=int(time.time()), model=name,
+            data=[{"index": i, "score": s} for i, s in enumerate(out["scores"])],
+            usage={"prompt_tokens": out["tokens"], "total_tokens": out["tokens"]}).model_dump())
 
 
 ROUTE_SPECS = {

@@ -35,6 +35,8 @@ class ServedModelSpec(Section):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype; float32 keeps CPU outputs equal to transformers'.")
+    max_n: int = Field(16, ge=1, le=128, description="Most choices (`n`) one chat or completion request may ask for; "
+                       "more is a 400 (OpenAI's own ceiling is 128).")
     batch_wait_ms: float = Field(20.0, ge=0, description="transformers engine / scorer: how long a batch waits to fill "
                                  "(latency at low load for bigger batches under load; vLLM batches continuously).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments, passed as they are.")
