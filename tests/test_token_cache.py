@@ -144,3 +144,28 @@ def test_prepare_checks_the_first_rows_before_ray_starts(tmp_path, capsys, no_ra
     code = cli.main(["prepare", f"data.source={source}", f"run.storage_path={tmp_path}"])
     assert code == 2
     assert "rows.jsonl:line 1: missing text field 'text'" in capsys.readouterr().err
+
+
+def test_cache_blocks_stream_while_the_trainer_holds_every_cpu(ray_session, tmp_path, builtin_tokenizer_dir):
+    """Two workers on a 2-CPU machine hold every CPU: the cache reader must not need one
+    (a reader task that asks for a CPU would wait forever, and training with it)."""
+    import ray
+
+    from raystages.data.order import read_blocks
+
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:200]))
+    _, cache = pretrain.prepare(_spec(tmp_path, builtin_tokenizer_dir, source))
+
+    @ray.remote(num_cpus=0)
+    def count_blocks(ds) -> int:
+        return sum(len(b["input_ids"]) for b in ds.iter_batches(batch_size=64))
+
+    total = ray.cluster_resources()["CPU"]
+    holder = ray.util.placement_group([{"CPU": total}])
+    ray.get(holder.ready())
+    try:
+        # A guard against a hang, not a timing assertion: it finishes in seconds.
+        assert ray.get(count_blocks.remote(read_blocks(cache.files("train"))), timeout=300) == cache.blocks["train"]
+    finally:
+        ray.util.remove_placement_group(holder)

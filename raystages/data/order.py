@@ -30,18 +30,24 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def _as_int64(batch: dict) -> dict:
-    # Stored as int32 (half the disk); the losses index with int64.
-    return {"input_ids": np.stack(batch["input_ids"]).astype(np.int64)}
+def _read_shards(batch: dict):
+    """Ray Data ``map_batches`` generator: shard paths in, their blocks out as ``int64``
+    (stored as int32: half the disk; the losses index with int64), a row group at a time."""
+    import pyarrow.parquet as pq
+
+    for path in batch["path"]:
+        for group in pq.ParquetFile(str(path)).iter_batches():
+            yield {"input_ids": np.stack(group.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)}
 
 
 def read_blocks(files: list[str]):
     """A lazy Ray Dataset of ``input_ids`` blocks from cache shards, in ``files`` order.
 
-    Reading and the cast fuse into one task per shard that asks for no CPU: a shard read
-    is I/O, and on a machine whose CPUs the trainer's workers hold, a task that needs one
-    would wait forever."""
+    Our own reader over the list of shards rather than ``read_parquet``: its tasks ask for
+    no CPU. A shard read is I/O, and while the trainer's workers hold every CPU of the
+    cluster (2 workers on 2 CPUs), a task that needs one — ``read_parquet`` lists files in
+    such a task first — waits forever and so does training."""
     import ray.data
 
-    ds = ray.data.read_parquet(files, num_cpus=0)
-    return ds.map_batches(_as_int64, batch_format="numpy", num_cpus=0)
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    return ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", num_cpus=0)

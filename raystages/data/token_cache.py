@@ -7,9 +7,9 @@
 ``<key>`` hashes what the blocks depend on: the source's fingerprint (each file's path, size
 and mtime; the built-in generator's parameters; a hub name and split), the held-out rule,
 ``text_field``, ``max_rows``, the tokenizer's vocabulary digest, ``seq_len`` and the
-objective. Parquet of fixed-size blocks (Ray Data reads it back with ``read_parquet``;
-any parquet reader can inspect it) rather than a raw ``.bin``: one file per shard carries
-its own schema, row groups give seekable chunks, and it travels through object stores.
+objective. Parquet of fixed-size blocks rather than a raw ``.bin``: any parquet reader
+opens it (``raystages.data.order.read_blocks`` streams it with Ray Data), one file per
+shard carries its own schema, and row groups give seekable chunks.
 
 A fill writes into ``.<key>.tmp-<uuid>/`` and renames it to ``<key>/`` after the manifest
 is written: a crash half-way leaves only a tmp folder that no reader looks at, and of two
@@ -161,6 +161,8 @@ def fill(spec, tokenizer_dir: str, key: str, described: dict) -> TokenCache:
     try:
         d = spec.data
         units = _units(spec)
+        if not units:
+            raise DataError(f"{d.source}: no usable rows within data.max_rows")
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
         results = ds.map_batches(
             write_units, batch_size=1, batch_format="numpy",

@@ -4,7 +4,9 @@ see :mod:`raystages.stages.mlm`) learns from unlabelled text.
     raystages pretrain jobs/pretrain.yaml [optim.max_steps=500 scaling.num_workers=2 ...]
 
 Text (the built-in corpus, local .txt/.jsonl/.parquet, or a hub dataset) is tokenised and
-packed into ``optim.seq_len`` blocks with Ray Data, each Ray Train worker reads its shard,
+packed into ``optim.seq_len`` blocks once, by Ray Data tasks where the files are, into the
+token cache (:mod:`raystages.data.token_cache`; ``raystages prepare`` fills it alone);
+each Ray Train worker streams its share of the cached blocks (:mod:`raystages.data.order`),
 and DeepSpeed ZeRO trains the model. The run ends with a Hugging Face export in
 ``run_dir/model`` that SFT, vLLM and the server load as is.
 """
