@@ -58,4 +58,4 @@ def read_blocks(files: list[str]):
 
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
     return ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", num_cpus=0,
-                          concurrency=READERS)
+                          concurrency=max(1, min(READERS, len(files))))
