@@ -33,6 +33,20 @@ def _run_stage(args) -> int:
     return 0
 
 
+def _prepare(args) -> int:
+    from raystages.spec import load_spec
+    from raystages.stages import pretrain
+
+    spec = load_spec(args.spec, args.overrides, stage="pretrain")
+    mark("spec")
+    _, cache = pretrain.prepare(spec)
+    m = cache.manifest
+    print(f"token cache {'hit' if cache.hit else 'filled'}: {cache.path}\n"
+          f"  {m['blocks']['train']} train + {m['blocks']['val']} held-out blocks of {spec.optim.seq_len} tokens "
+          f"from {m['rows']} rows ({m['skipped']} skipped)")
+    return 0
+
+
 def _show_spec(args) -> int:
     import yaml
 
@@ -66,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("spec", nargs="?", help="YAML job spec (default: the built-in defaults)")
         sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
         sp.set_defaults(func=_run_stage)
+    sp = sub.add_parser("prepare", help="tokenise and pack a pretraining spec's data into the token cache")
+    sp.add_argument("spec", nargs="?", help="YAML pretraining spec (default: the built-in defaults)")
+    sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.source=corpus/")
+    sp.set_defaults(func=_prepare)
     sp = sub.add_parser("spec", help="print a stage's full spec with defaults and overrides applied")
     sp.add_argument("stage", choices=TRAINING_STAGES)
     sp.add_argument("--reference", action="store_true", help="print the field reference as Markdown")

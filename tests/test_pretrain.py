@@ -132,6 +132,10 @@ def test_killed_driver_rerun_resumes_and_ignores_orphan_checkpoints(ray_session,
     result = pretrain.run(spec)
     assert result.metrics["step"] == 300
     assert 40 <= result.metrics["start_step"] < 300, result.metrics
+    # The killed run (or an earlier one on the same data) filled the token cache: the rerun
+    # read its blocks instead of tokenising again.
+    summary = json.loads((spec.run_dir() / "summary.json").read_text())
+    assert summary["metrics"]["token_cache"] == "hit" and summary["metrics"]["token_cache_blocks"] > 0
 
 
 def test_pretraining_on_real_text_with_the_gpt2_tokenizer(ray_session, runs_dir):

@@ -17,19 +17,29 @@ import time
 WARMUP_STEPS = 20
 
 
-def _bare_loop(spec, tokenizer_dir: str, texts: list[str]) -> float:
+def cached_blocks(spec, tokenizer_dir: str):
+    """The run's packed training blocks, read from its token cache: ``(N, seq_len)`` int64."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from raystages.data import token_cache
+
+    cache = token_cache.lookup(token_cache.cache_root(spec), token_cache.cache_key(spec, tokenizer_dir)[0])
+    return np.concatenate([np.stack(pq.read_table(f)["input_ids"].to_numpy(zero_copy_only=False))
+                           for f in cache.files("train")]).astype(np.int64)
+
+
+def _bare_loop(spec, tokenizer_dir: str) -> float:
     """Tokens/s of a plain single-process loop over the same blocks."""
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
-    from raystages.data.packing import pack
     from raystages.models import build_causal_lm, load_tokenizer
     from raystages.train.optim import lr_lambda
 
     torch.set_num_threads(max(1, math.ceil(spec.scaling.cpus_per_worker)))
     tok = load_tokenizer(tokenizer_dir)
-    blocks = torch.from_numpy(pack(tok(texts, add_special_tokens=False)["input_ids"],
-                                   tok.eos_token_id, spec.optim.seq_len))
+    blocks = torch.from_numpy(cached_blocks(spec, tokenizer_dir))
     g = torch.Generator().manual_seed(spec.run.seed)
     blocks = blocks[torch.randperm(len(blocks), generator=g)]
     model = build_causal_lm(spec.model, tok, spec.run.seed).train()
@@ -72,8 +82,7 @@ def run(overrides: list[str]) -> dict:
     steady = [m for m in logged if m["step"] > WARMUP_STEPS and "throughput" in m]
     # Windows are equal-length (log_every steps), so the harmonic mean is total tokens / time.
     ray_tps = len(steady) / sum(1 / m["throughput"] for m in steady)
-    texts, _, _ = pretrain.load_texts(spec)
-    bare_tps = _bare_loop(spec, str(result.run_dir / "tokenizer"), texts)
+    bare_tps = _bare_loop(spec, str(result.run_dir / "tokenizer"))
     return {
         "model_params": result.metrics.get("params"),
         "steps": spec.optim.max_steps, "warmup_steps_excluded": WARMUP_STEPS,

@@ -29,37 +29,31 @@ def pack(token_lists: list[list[int]], eos_id: int, seq_len: int, bos_id: int | 
     return blocks
 
 
-class TokenizeAndPack:
-    """Ray Data ``map_batches`` callable: ``{"text"}`` rows in, ``{"input_ids"}`` blocks out
-    (``[CLS] doc [SEP] doc [SEP] …`` blocks for ``objective="mlm"``)."""
+class Packer:
+    """:func:`pack` over a stream: documents fed in any batches give the blocks that one
+    ``pack`` of all of them gives (only the final partial block is dropped), holding no
+    more than one batch and a partial block at a time."""
 
-    def __init__(self, tokenizer_dir: str, seq_len: int, objective: str = "causal"):
-        from raystages.models import load_tokenizer
+    def __init__(self, eos_id: int, seq_len: int, bos_id: int | None = None):
+        self.eos, self.bos = eos_id, bos_id
+        self.width = seq_len if bos_id is None else seq_len - 1
+        self.tail: list[int] = []
 
-        self.tokenizer = load_tokenizer(tokenizer_dir)
-        self.seq_len = seq_len
-        tok = self.tokenizer
-        self.eos, self.bos = ((tok.sep_token_id, tok.cls_token_id) if objective == "mlm"
-                              else (tok.eos_token_id, None))
+    def feed(self, token_lists: list[list[int]]) -> np.ndarray:
+        flat = self.tail
+        for ids in token_lists:
+            flat.extend(ids)
+            flat.append(self.eos)
+        n = len(flat) // self.width
+        blocks = np.asarray(flat[: n * self.width], dtype=np.int64).reshape(n, self.width)
+        self.tail = flat[n * self.width:]
+        if self.bos is not None:
+            blocks = np.concatenate([np.full((n, 1), self.bos, dtype=np.int64), blocks], axis=1)
+        return blocks
 
-    def __call__(self, batch: dict) -> dict:
-        ids = self.tokenizer(list(batch["text"]), add_special_tokens=False)["input_ids"]
-        return {"input_ids": pack(ids, self.eos, self.seq_len, self.bos)}
 
-
-def packed_dataset(texts: list[str], tokenizer_dir: str, seq_len: int, seed: int | None,
-                   objective: str = "causal"):
-    """A materialised Ray Dataset of packed blocks, shuffled once with ``seed`` (None: keep order).
-
-    Materialised before the trainer starts: on a 2-CPU machine, streaming Ray Data tasks
-    beside the training workers can starve for CPUs.
-    """
-    import ray.data
-
-    ds = ray.data.from_items([{"text": t} for t in texts])
-    ds = ds.map_batches(TokenizeAndPack, fn_constructor_args=(tokenizer_dir, seq_len, objective),
-                        batch_size=256, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=1))
-    if seed is not None:
-        ds = ds.random_shuffle(seed=seed)
-    return ds.materialize()
+def special_ids(tokenizer, objective: str) -> tuple[int, int | None]:
+    """(separator, block opener): eos and none for causal LMs, [SEP] and [CLS] for MLM."""
+    if objective == "mlm":
+        return tokenizer.sep_token_id, tokenizer.cls_token_id
+    return tokenizer.eos_token_id, None

@@ -58,20 +58,43 @@ def _open_text(path: Path):
     return opener(path, "rt", encoding="utf-8", errors="strict")
 
 
+PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+def _paragraphs(f, chunk_chars: int = 1 << 20) -> Iterator[str]:
+    """The non-blank pieces of ``PARAGRAPH_BREAK.split(text)``, read ``chunk_chars`` at a
+    time so a large .txt is never held whole. A break is final once a non-space character
+    follows it (more whitespace could still extend it); the text after it waits for more."""
+    buf = ""
+    while chunk := f.read(chunk_chars):
+        buf += chunk
+        text_end = len(buf.rstrip())
+        cut = None
+        for m in PARAGRAPH_BREAK.finditer(buf):
+            if m.end() < text_end:
+                cut = m
+        if cut is not None:
+            yield from (p for p in PARAGRAPH_BREAK.split(buf[:cut.start()]) if p.strip())
+            buf = buf[cut.end():]
+    yield from (p for p in PARAGRAPH_BREAK.split(buf) if p.strip())
+
+
 def _file_rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, row) for every row of one file; ``where`` is ``file:row`` (1-based)."""
     kind = _suffix(path)
     try:
         if kind in (".txt", ".txt.gz"):
             with _open_text(path) as f:
-                text = f.read()
-            for i, para in enumerate(p for p in re.split(r"\n\s*\n", text) if p.strip()):
-                yield f"{path}:paragraph {i + 1}", {"text": para}
+                for i, para in enumerate(_paragraphs(f)):
+                    yield f"{path}:paragraph {i + 1}", {"text": para}
         elif kind == ".parquet":
             import pyarrow.parquet as pq
 
-            for i, row in enumerate(pq.read_table(path).to_pylist()):
-                yield f"{path}:row {i + 1}", row
+            i = 0  # a row group at a time: a large file is never held whole
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+                for row in batch.to_pylist():
+                    i += 1
+                    yield f"{path}:row {i}", row
         else:
             with _open_text(path) as f:
                 head = f.read(1).lstrip() if kind.startswith(".json") else ""
@@ -91,13 +114,20 @@ def _file_rows(path: Path) -> Iterator[tuple[str, object]]:
         raise DataError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
 
 
-def iter_source(source: str, hub_split: str = "train") -> Iterator[tuple[str, object]]:
+def source_files(source: str) -> list[Path] | None:
+    """The files of a local source in reading order (a directory's, sorted), or None for a
+    hub dataset name."""
     path = Path(source).expanduser()
     if path.is_dir():
-        for p in sorted(p for p in path.iterdir() if _suffix(p)):
+        return sorted(p for p in path.iterdir() if _suffix(p))
+    return [path] if path.exists() else None
+
+
+def iter_source(source: str, hub_split: str = "train") -> Iterator[tuple[str, object]]:
+    files = source_files(source)
+    if files is not None:
+        for p in files:
             yield from _file_rows(p)
-    elif path.exists():
-        yield from _file_rows(path)
     else:
         import datasets
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from itertools import islice
 from pathlib import Path
 
 TOKENIZER_DIR = "tokenizer"
 
 
-def prepare_tokenizer(spec, training_texts: list[str]) -> str:
+def prepare_tokenizer(spec, training_texts: Iterable[str]) -> str:
     """Write the run's tokenizer to ``run_dir/tokenizer`` and return that path.
 
     Priority: ``tokenizer.path``, then ``model.path`` (a checkpoint carries its tokenizer),
     then one trained on the first ``tokenizer.train_docs`` training texts: WordPiece for
-    the ``bert-*`` encoder presets, byte-level BPE for the causal ones.
+    the ``bert-*`` encoder presets, byte-level BPE for the causal ones. ``training_texts``
+    may be a lazy iterator: only those first documents are read, and only when training.
     A rerun reuses the tokenizer already there, so a resumed run keeps its vocabulary.
     """
     from raystages.models import (is_encoder_preset, load_tokenizer, train_tokenizer,
@@ -28,5 +31,5 @@ def prepare_tokenizer(spec, training_texts: list[str]) -> str:
         tok.save_pretrained(str(out))
     else:
         train = train_wordpiece_tokenizer if is_encoder_preset(spec.model.preset) else train_tokenizer
-        train(training_texts[: spec.tokenizer.train_docs], spec.tokenizer.vocab_size, out)
+        train(list(islice(training_texts, spec.tokenizer.train_docs)), spec.tokenizer.vocab_size, out)
     return str(Path(out))

@@ -15,6 +15,9 @@ class Stage:
     name: str = "stage"
     throughput_unit: str = "tok"
     frozen: dict = {}  # set per worker from build_frozen
+    # Blocks in each rank's local shuffle buffer, reseeded every epoch (raystages.data.order);
+    # 0 keeps the dataset's own order (stages whose datasets are shuffled when built).
+    shuffle_buffer: int = 0
 
     def build_model(self, spec, tokenizer):
         raise NotImplementedError

@@ -29,17 +29,24 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _epochs(shard, micro_batch_size: int, device, start_epoch: int, skip: int):
+def _epochs(shard, micro_batch_size: int, device, start_epoch: int, skip: int,
+            shuffle_buffer: int = 0, seed: int = 0, rank: int = 0):
     """Micro-batches forever, epoch after epoch: ``(epoch, index_in_epoch, batch)``.
 
     Ray Data has no seek, so resuming mid-epoch re-reads and drops the first ``skip``
     batches of ``start_epoch`` (same world size and batch size as the interrupted run).
+    With ``shuffle_buffer``, each epoch's local shuffle has its own seed, so the dropped
+    batches are exactly those the interrupted run trained on.
     """
+    from raystages.data.order import epoch_seed
+
     epoch = start_epoch
     while True:
         produced = False
+        shuffle = ({"local_shuffle_buffer_size": shuffle_buffer,
+                    "local_shuffle_seed": epoch_seed(seed, epoch, rank)} if shuffle_buffer else {})
         for i, batch in enumerate(shard.iter_torch_batches(
-                batch_size=micro_batch_size, drop_last=True, device=device)):
+                batch_size=micro_batch_size, drop_last=True, device=device, **shuffle)):
             produced = True
             if epoch == start_epoch and i < skip:
                 continue
@@ -126,7 +133,8 @@ def train_loop(config: dict) -> None:
     max_steps = spec.optim.max_steps
     engine.train()
     data = _epochs(ray.train.get_dataset_shard("train"), spec.optim.micro_batch_size,
-                   engine.device, state["epoch"], state["batches_in_epoch"])
+                   engine.device, state["epoch"], state["batches_in_epoch"],
+                   stage.shuffle_buffer, spec.run.seed, rank)
     pending: list = []  # the micro-batches of the current optimizer step, read ahead
     while engine.global_steps < max_steps:
         if not pending:
