@@ -146,6 +146,27 @@ def test_precomputed_reference_log_probs_give_the_frozen_reference_loss(ray_sess
     assert got["reward_margin"].item() == pytest.approx(want["reward_margin"].item(), rel=1e-4, abs=1e-6)
 
 
+def _held_out_terms(spec, model_dir, n_val: int) -> tuple[float, float]:
+    """Mean loss and reward accuracy of the model in ``model_dir`` on the stage's ``n_val``
+    held-out built-in pairs (the ones its own evaluation scores)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raystages.data.preference import dpo_converter, pad_pairs
+    from raystages.models import load_tokenizer
+    from raystages.stages.dpo import DpoStage
+    from raystages.task.splits import preference_rows
+
+    tok = load_tokenizer(str(model_dir))
+    convert = dpo_converter(spec.dpo.fields, tok, spec.optim.seq_len)
+    rows = preference_rows("val", n_val, min_len=spec.data.builtin.min_len, max_len=spec.data.builtin.max_len)
+    batch = {k: torch.tensor(v) for k, v in pad_pairs([convert(r) for r in rows], tok.pad_token_id).items()}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
+    with torch.no_grad():
+        loss, metrics = DpoStage(spec.dpo).pair_terms(model, batch)
+    return loss.mean().item(), metrics["reward_accuracy"].item()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss,extra", [
     # Reference-free, LoRA adapters merged into the export.
@@ -159,15 +180,21 @@ def test_other_losses_run_end_to_end(loss, extra, sft_result, runs_dir):
     spec = load_spec(ROOT / "jobs" / "dpo.yaml", [
         f"run.storage_path={runs_dir}", f"run.name=test-dpo-{loss}", f"model.path={sft_result.export_dir}",
         *TASK, f"dpo.loss={loss}", "dpo.rpo_alpha=0", "optim.lr=1e-3", *extra, "dpo.eval_prompts=0", "data.builtin.num_train=640",
-        "data.builtin.num_val=64", "optim.max_steps=20", "optim.warmup_steps=0", "logging.log_every=5",
+        "data.builtin.num_val=256", "optim.max_steps=20", "optim.warmup_steps=0", "logging.log_every=5",
         "run.eval_every=20", "run.eval_batches=2", "run.checkpoint_every=1000", "scaling.cpus_per_worker=0.5"])
     result = dpo.run(spec)
     m = result.metrics
-    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    print(loss, [round(r["loss"], 4) for r in logged], m["val_reward_accuracy"])
     assert m["loss_type"] == loss and "accuracy_after" not in m
-    assert logged[-1]["loss"] < logged[0]["loss"], logged
-    assert m["val_reward_accuracy"] > 0.5, m
+    # The effect is judged on the same 256 held-out pairs before (the SFT parent) and after
+    # (the export), not on the logged training loss: over 20 steps of 32 pairs that loss
+    # moves more with each step's batch than with training (0.26, 0.32, 0.74, 0.26 at both
+    # lr 1e-3 and 3e-4). Measured from the suite's SFT model: loss 0.416 -> 0.392, accuracy
+    # 0.879 -> 0.895 (3e-3: 0.388, 0.902). An export that kept the parent's weights (adapters
+    # not merged) scores exactly the parent's loss; a sign error raises it.
+    loss_before, acc_before = _held_out_terms(spec, sft_result.export_dir, 256)
+    loss_after, acc_after = _held_out_terms(spec, result.export_dir, 256)
+    print(f"{loss} held-out loss {loss_before:.4f} -> {loss_after:.4f}, reward accuracy {acc_before:.3f} -> {acc_after:.3f}")
+    assert loss_after < loss_before and acc_after >= acc_before, (loss_before, loss_after, acc_before, acc_after)
     model = AutoModelForCausalLM.from_pretrained(result.export_dir, use_safetensors=True)
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert json.loads((result.export_dir / "lineage.json").read_text())["stage"] == "dpo"

@@ -17,7 +17,7 @@ def rm_result(sft_result, runs_dir):
 
     spec = load_spec(ROOT / "jobs" / "rm.yaml", [
         f"run.storage_path={runs_dir}", "run.name=test-rm", f"model.path={sft_result.export_dir}",
-        *TASK, "logging.log_every=100", "run.eval_every=500", "run.checkpoint_every=1000"])
+        *TASK, "logging.log_every=200", "run.eval_every=1000", "run.checkpoint_every=2000"])
     return rm.run(spec)
 
 
@@ -50,23 +50,25 @@ def test_reward_model_agrees_with_the_oracle_on_held_out_pairs(rm_result, sft_re
 
     m = rm_result.metrics
     # Chance is 0.5. With 4000 pairs over 3 epochs this ~0.9M-parameter RM overfit at ~0.83
-    # (0.89 on right-vs-wrong pairs, 0.65 where both are wrong and the closer one wins);
-    # jobs/rm.yaml's one epoch over 32000 pairs gave 0.910 in two runs of this fixture
-    # (fixed seeds); the bar is the issue's: agreement with the oracle on >= 90% of pairs.
+    # (0.89 on right-vs-wrong pairs, 0.65 where both are wrong and the closer one wins). One
+    # epoch over 32000 pairs (1000 steps) sat on the bar: 0.895-0.910 on 200 pairs,
+    # so CI failed on noise. jobs/rm.yaml now trains 2000 steps over 64000 pairs: 0.952 on
+    # 1000 held-out pairs, whose standard error at 0.9 is 0.0095, so the bar of 0.90 (the
+    # issue's: agreement with the oracle on >= 90% of pairs) is five of them below.
     print(f"RM held-out pair accuracy {m['pair_accuracy']:.3f}")
     assert m["pair_accuracy"] >= 0.90, m
-    assert m["val_pairs"] == 200 and m["skipped_rows"] == 0
+    assert m["val_pairs"] == 1000 and m["skipped_rows"] == 0
     stats = json.loads((rm_result.export_dir / "reward_stats.json").read_text())
     assert stats["pair_accuracy"] == m["pair_accuracy"] and stats["reward_std"] > 0
     assert stats["chosen_mean"] > stats["rejected_mean"]
     lineage = json.loads((rm_result.export_dir / "lineage.json").read_text())
     assert lineage["stage"] == "rm" and lineage["parent"] == str(sft_result.export_dir.resolve())
-    # The export is a plain transformers reward model: scoring the same 200 held-out pairs
+    # The export is a plain transformers reward model: scoring the same 1000 held-out pairs
     # through it reproduces the stage's accuracy (a sample of 20 was too noisy to bound).
     model = AutoModelForSequenceClassification.from_pretrained(rm_result.export_dir).eval()
     tok = AutoTokenizer.from_pretrained(rm_result.export_dir)
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
-    rows = preference_rows("val", 200, min_len=3, max_len=4)
+    rows = preference_rows("val", 1000, min_len=3, max_len=4)
     rewards = {}
     for k in ("chosen", "rejected"):
         texts = [tok.apply_chat_template([{"role": "user", "content": row["prompt"]},
@@ -76,7 +78,7 @@ def test_reward_model_agrees_with_the_oracle_on_held_out_pairs(rm_result, sft_re
         with torch.no_grad():
             rewards[k] = model(**enc).logits[:, 0]
     by_hand = (rewards["chosen"] > rewards["rejected"]).float().mean().item()
-    assert abs(by_hand - m["pair_accuracy"]) <= 1 / 200, (by_hand, m["pair_accuracy"])
+    assert abs(by_hand - m["pair_accuracy"]) <= 1 / 1000, (by_hand, m["pair_accuracy"])
 
 
 @pytest.mark.slow
