@@ -90,7 +90,7 @@ class CriticSpec(Section):
 
 
 class LimitsSpec(Section):
-    max_kl: float | None = Field(None, gt=0, description="Abort (with a final checkpoint) when the mean per-sequence KL to the reference (k3) exceeds this.")
+    max_kl: float | None = Field(None, gt=0, description="Abort (with a final checkpoint) when the mean per-sequence KL to the reference (k3, each token's term capped at 10 nats) exceeds this.")
     max_mean_response_len: float | None = Field(None, gt=0, description="Abort when the mean response length (tokens) exceeds this.")
 
 
