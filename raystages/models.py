@@ -125,16 +125,18 @@ ENCODER_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[C
                     "sep_token": "[SEP]", "mask_token": "[MASK]"}
 
 
-def train_wordpiece_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLike):
-    """Train a lower-casing WordPiece (BERT's scheme) on ``texts`` and save it as a Hugging
-    Face tokenizer: ``[CLS] text [SEP]`` (pairs ``[CLS] a [SEP] b [SEP]``), continuation
-    pieces prefixed ``##``. Deterministic for the same texts and vocab size."""
+def train_wordpiece_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLike,
+                              lowercase: bool = True):
+    """Train a WordPiece (BERT's scheme; lower-casing unless ``lowercase`` is false, as in
+    BERT cased) on ``texts`` and save it as a Hugging Face tokenizer: ``[CLS] text [SEP]``
+    (pairs ``[CLS] a [SEP] b [SEP]``), continuation pieces prefixed ``##``. Deterministic
+    for the same texts, vocab size and casing."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = list(ENCODER_SPECIALS.values())
     tok = Tokenizer(models.WordPiece(unk_token=ENCODER_SPECIALS["unk_token"]))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,

@@ -44,6 +44,7 @@ class TokenizerSpec(Section):
     path: str | None = Field(None, description="Tokenizer dir or hub id. Default: the model's own, or one trained on the training text for presets.")
     vocab_size: int = Field(512, ge=300, le=1_000_000, description="Vocabulary size when training a tokenizer.")
     train_docs: int = Field(2000, ge=1, description="Documents of the training text used to train a tokenizer.")
+    lowercase: bool = Field(True, description="WordPiece (bert-* presets) only: lower-case the text, as BERT uncased does; `false` keeps case (BERT cased), which named-entity recognition needs.")
 
 
 class BuiltinTaskSpec(Section):
@@ -65,7 +66,7 @@ class DataSpec(Section):
     source: str = Field("builtin", description="`builtin`, a local .txt/.jsonl/.json/.parquet file or directory, or a hub dataset name.")
     val_source: str | None = Field(None, description="Held-out data; default: `val_fraction` of `source` (or the built-in val split).")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of `source` held out when `val_source` is unset.")
-    text_field: str = Field("text", description="Column holding the text (jsonl/parquet/hub).")
+    text_field: str = Field("text", description="Column holding the text (jsonl/parquet/hub); a list of words (a tagging row's `tokens`) is joined by spaces.")
     hub_split: str = Field("train", description="Split name for hub datasets.")
     on_bad_row: Literal["error", "skip"] = Field("error", description="A row without usable text: fail naming file and row, or skip and count it.")
     max_rows: int | None = Field(None, ge=1, description="Read at most this many rows.")

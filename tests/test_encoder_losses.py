@@ -132,3 +132,12 @@ def test_wordpiece_tokenizer_has_bert_specials_and_export_loads_as_masked_lm(tmp
     assert type(loaded).__name__ == "BertForMaskedLM" and loaded.config.hidden_size == 64
     assert AutoTokenizer.from_pretrained(tmp_path / "model").mask_token == "[MASK]"
     assert not (tmp_path / "model" / "generation_config.json").exists()
+
+
+def test_cased_wordpiece_keeps_capitals_for_ner(tmp_path):
+    from raystages.models import load_tokenizer, train_wordpiece_tokenizer
+
+    texts = ["Empire State Building in New York", "the state of things in the empire"] * 20
+    train_wordpiece_tokenizer(texts, 300, tmp_path / "cased", lowercase=False)
+    tok = load_tokenizer(str(tmp_path / "cased"))
+    assert tok.convert_ids_to_tokens(tok("Empire empire")["input_ids"]) == ["[CLS]", "Empire", "empire", "[SEP]"]

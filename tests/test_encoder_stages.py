@@ -75,7 +75,7 @@ def classifier(mlm_result, runs_dir):
 @pytest.fixture(scope="module")
 def tagger(mlm_result, runs_dir):
     return _head(runs_dir, mlm_result.export_dir, "test-ner", "sft-ner.yaml",
-                 "optim.seq_len=32", "optim.max_steps=300", "optim.lr=3e-3")
+                 "optim.seq_len=32", "optim.max_steps=300", "optim.lr=3e-3", "sft.head.class_weights=none")
 
 
 def test_classification_head_learns_the_sortedness_oracle(classifier):

@@ -150,6 +150,10 @@ def test_text_and_parquet_sources(tmp_path):
     assert read_rows(txt, text_of("text")).rows == ["first para\nline two", "second para\n"]
     pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "t.parquet")
     assert read_rows(str(tmp_path / "t.parquet"), text_of("content")).rows == ["a", "b"]
+    words = _write(tmp_path, "tagged.jsonl", '{"tokens": ["New", "York"]}\n{"tokens": ["a", 1]}\n')
+    with pytest.raises(Exception, match="line 2.*not text"):
+        read_rows(words, text_of("tokens"))
+    assert read_rows(words, text_of("tokens"), on_bad_row="skip").rows == ["New York"]
 
 
 def test_spec_error_is_a_value_error_with_all_problems():

@@ -5,16 +5,29 @@ prompt mix, over real HTTP on loopback; the ratio of the two throughputs shows b
 
 Without ``checkpoint`` a fresh ``tiny``-preset model with the built-in tokenizer is used
 (greedy decoding, so both concurrency levels do the same work). Target: ratio >= 5.
+
+With the vLLM engine (``compare=vllm-serve``, the default there), the same loads then run
+against vLLM's own OpenAI server (what ``vllm serve`` starts: API server plus engine-core
+process) on the same checkpoint and engine settings, one after the other on the same
+cores, and ``ratio_vs_vllm_serve_c32`` is raystages' requests/s over vLLM's at
+concurrency 32 (target >= 0.8).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import os
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+from pathlib import Path
 
 DEFAULTS = {"checkpoint": None, "engine": "auto", "max_tokens": 32, "requests": 512, "requests_1": 48,
-            "concurrency": 32, "port": 8123, "cpus": 1.0, "preset": "tiny", "batch_wait_ms": 20.0}
+            "concurrency": 32, "port": 8123, "cpus": 1.0, "preset": "tiny", "batch_wait_ms": 20.0,
+            "compare": "auto", "vllm_serve_port": 8124}
 
 
 async def _load(url: str, bodies: list[dict], concurrency: int, headers: dict, timeout_s: float) -> dict:
@@ -98,32 +111,106 @@ def _random_checkpoint(out_dir: str, preset: str) -> str:
     return f"{out_dir}/model"
 
 
+def _measure(url: str, cfg: dict) -> tuple[dict, dict]:
+    """Warm up, then the concurrency-1 and concurrency-N loads, summarised."""
+    load(url, prompt_mix(8, cfg["max_tokens"]), 4)  # warm-up: first-request costs
+    one = summarize(load(url, prompt_mix(cfg["requests_1"], cfg["max_tokens"]), 1))
+    many = summarize(load(url, prompt_mix(cfg["requests"], cfg["max_tokens"]), cfg["concurrency"]))
+    return one, many
+
+
+def vllm_serve_command(ckpt: str, spec, port: int) -> list[str]:
+    """vLLM's OpenAI server on ``ckpt`` with the engine settings raystages gives the model
+    (dtype, context, sequences, eager mode, KV-cache bytes), served as ``bench``."""
+    from raystages.models import context_length
+
+    m = spec.model_spec("bench", ckpt)
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ckpt,
+            "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", m.dtype,
+            "--max-model-len", str(m.max_model_len or context_length(None, ckpt, None)),
+            "--max-num-seqs", str(m.max_num_seqs), "--enforce-eager", "--kv-cache-memory-bytes", str(m.kv_cache_mb << 20),
+            "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
+
+
+def run_vllm_serve(ckpt: str, spec, cfg: dict, log_path: Path, start_timeout_s: float = 600) -> dict:
+    """Start vLLM's own server, wait for ``/health``, run the same loads, stop it."""
+    from raystages.serve.app import CPU_ENGINE_ENV
+
+    threads = str(max(1, math.ceil(cfg["cpus"])))  # as many torch threads as raystages' engine gets
+    env = {**os.environ, **CPU_ENGINE_ENV, "OMP_NUM_THREADS": threads}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # plain `vllm serve`: its engine-core process
+    port = cfg["vllm_serve_port"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(vllm_serve_command(ckpt, spec, port), env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        t0 = time.perf_counter()
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text().splitlines()[-15:]
+                raise RuntimeError("vllm serve exited with code %s:\n%s" % (proc.returncode, "\n".join(tail)))
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.perf_counter() - t0 > start_timeout_s:
+                raise TimeoutError(f"vllm serve did not answer /health within {start_timeout_s:.0f} s; log: {log_path}")
+            time.sleep(1)
+        start_s = time.perf_counter() - t0
+        one, many = _measure(f"http://127.0.0.1:{port}/v1", cfg)
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+    return {"startup_s": round(start_s, 1), "concurrency_1": one, f"concurrency_{cfg['concurrency']}": many}
+
+
 def run(overrides: list[str]) -> dict:
     from ray import serve
 
     from raystages.serve.app import deploy, resolve_engine
     from raystages.serve.spec import ServeSpec
-    from raystages.spec import parse_options
+    from raystages.spec import SpecError, parse_options
     from raystages.train.runner import connect_ray
 
     cfg = parse_options(overrides, DEFAULTS, "bench serve")
+    engine = resolve_engine(cfg["engine"])
+    compare = cfg["compare"] if cfg["compare"] != "auto" else ("vllm-serve" if engine == "vllm" else "none")
+    if compare not in ("vllm-serve", "none"):
+        raise SpecError(f"bench serve: compare must be auto, vllm-serve or none (got {compare!r})")
+    if compare == "vllm-serve" and engine != "vllm":
+        raise SpecError("bench serve: compare=vllm-serve needs engine=vllm (the same engine on both sides)")
+    c = cfg["concurrency"]
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         ckpt = cfg["checkpoint"] or _random_checkpoint(tmp, cfg["preset"])
         spec = ServeSpec(engine=cfg["engine"], port=cfg["port"], app_name="bench",
-                         defaults={"cpus": cfg["cpus"], "max_num_seqs": max(64, cfg["concurrency"]),
+                         defaults={"cpus": cfg["cpus"], "max_num_seqs": max(64, c),
                                    "batch_wait_ms": cfg["batch_wait_ms"]})
         connect_ray()
         t0 = time.perf_counter()
         url, _ = deploy(spec, [f"bench={ckpt}"])
         start_s = time.perf_counter() - t0
         try:
-            load(url, prompt_mix(8, cfg["max_tokens"]), 4)  # warm-up: first-request costs
-            one = summarize(load(url, prompt_mix(cfg["requests_1"], cfg["max_tokens"]), 1))
-            many = summarize(load(url, prompt_mix(cfg["requests"], cfg["max_tokens"]), cfg["concurrency"]))
+            one, many = _measure(url, cfg)
         finally:
             serve.delete("bench")
-    ratio = many["requests_per_s"] / one["requests_per_s"]
-    return {"engine": resolve_engine(cfg["engine"]), "checkpoint": cfg["checkpoint"] or f"random {cfg['preset']}",
-            "max_tokens": cfg["max_tokens"], "startup_s": round(start_s, 1), "concurrency_1": one,
-            f"concurrency_{cfg['concurrency']}": many, "throughput_ratio": round(ratio, 2),
-            "target_ratio": 5, "meets_target": ratio >= 5}
+        out = {"engine": engine, "checkpoint": cfg["checkpoint"] or f"random {cfg['preset']}",
+               "max_tokens": cfg["max_tokens"], "startup_s": round(start_s, 1), "concurrency_1": one,
+               f"concurrency_{c}": many, "throughput_ratio": round(many["requests_per_s"] / one["requests_per_s"], 2)}
+        if compare == "vllm-serve":
+            # Ray Serve's replicas are gone (serve.delete), so vLLM's server gets the same idle cores.
+            theirs = run_vllm_serve(ckpt, spec, cfg, Path(tmp) / "vllm-serve.log")
+            out["vllm_serve"] = theirs
+            for level in ("concurrency_1", f"concurrency_{c}"):
+                out[f"{level}_side_by_side"] = {
+                    "raystages_req_s": out[level]["requests_per_s"], "vllm_serve_req_s": theirs[level]["requests_per_s"],
+                    "raystages_p50_ms": out[level]["p50_ms"], "vllm_serve_p50_ms": theirs[level]["p50_ms"],
+                    "raystages_p99_ms": out[level]["p99_ms"], "vllm_serve_p99_ms": theirs[level]["p99_ms"]}
+            out[f"ratio_vs_vllm_serve_c{c}"] = round(many["requests_per_s"] / theirs[f"concurrency_{c}"]["requests_per_s"], 2)
+    out[f"ratio_c{c}_over_c1"] = out["throughput_ratio"]
+    out.update(target_ratio=5, meets_target=out["throughput_ratio"] >= 5)
+    return out

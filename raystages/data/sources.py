@@ -164,10 +164,14 @@ def read_rows(source: str, convert: Callable[[object], object], on_bad_row: str 
 
 
 def text_of(field_name: str) -> Callable[[object], str]:
+    """The text of a row's ``field_name``; a list of words (a tagging row's ``tokens``) is
+    joined by single spaces, so labelled rows can serve as unlabelled pretraining text."""
     def convert(row: object) -> str:
         if not isinstance(row, dict):
             raise DataError(f"expected an object with field {field_name!r}, got {type(row).__name__}")
         value = row.get(field_name)
+        if isinstance(value, list) and all(isinstance(w, str) for w in value):
+            value = " ".join(value)
         if not isinstance(value, str):
             raise DataError(f"missing text field {field_name!r}" if value is None
                             else f"field {field_name!r} is {type(value).__name__}, not text")

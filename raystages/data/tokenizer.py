@@ -14,7 +14,7 @@ def prepare_tokenizer(spec, training_texts: Iterable[str]) -> str:
 
     Priority: ``tokenizer.path``, then ``model.path`` (a checkpoint carries its tokenizer),
     then one trained on the first ``tokenizer.train_docs`` training texts: WordPiece for
-    the ``bert-*`` encoder presets, byte-level BPE for the causal ones. ``training_texts``
+    the ``bert-*`` encoder presets (cased or not by ``tokenizer.lowercase``), byte-level BPE for the causal ones. ``training_texts``
     may be a lazy iterator: only those first documents are read, and only when training.
     A rerun reuses the tokenizer already there, so a resumed run keeps its vocabulary.
     """
@@ -30,6 +30,9 @@ def prepare_tokenizer(spec, training_texts: Iterable[str]) -> str:
         out.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(out))
     else:
-        train = train_wordpiece_tokenizer if is_encoder_preset(spec.model.preset) else train_tokenizer
-        train(list(islice(training_texts, spec.tokenizer.train_docs)), spec.tokenizer.vocab_size, out)
+        texts = list(islice(training_texts, spec.tokenizer.train_docs))
+        if is_encoder_preset(spec.model.preset):
+            train_wordpiece_tokenizer(texts, spec.tokenizer.vocab_size, out, spec.tokenizer.lowercase)
+        else:
+            train_tokenizer(texts, spec.tokenizer.vocab_size, out)
     return str(Path(out))
