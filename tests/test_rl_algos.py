@@ -100,6 +100,19 @@ def test_kl_clamped_and_k3_nonnegative():
     assert (kl_estimate(a, b, "k2") >= 0).all()
 
 
+def test_kl_cap_bounds_each_token_and_stops_its_gradient():
+    lp = t([[-7.0, -1.0, 0.0]]).requires_grad_()
+    ref = t([[0.0, 0.0, -1.0]])  # log-ratio -7, -1, +1
+    # k3: e^7 - 1 - 7 = 1088.633 -> 10 ; e^1 - 1 - 1 = 0.7182818 ; e^-1 - 1 + 1 = 0.3678794
+    close(kl_estimate(lp, ref, "k3"), [[1088.6332, 0.7182818, 0.3678794]], rtol=1e-6)
+    kl = kl_estimate(lp, ref, "k3", cap=10.0)
+    close(kl, [[10.0, 0.7182818, 0.3678794]])
+    kl.sum().backward()
+    # d k3 / d lp = 1 - e^-lr: 0 where capped, 1 - e = -1.7182818, 1 - e^-1 = 0.6321206
+    close(lp.grad, [[0.0, -1.7182818, 0.6321206]])
+    close(kl_estimate(t([[-30.0]]), t([[0.0]]), "k1", cap=10.0), [[-10.0]])
+
+
 def test_kl_controllers():
     c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     c.update(12.0, 1000)  # error 1.0 clipped to 0.2 -> x(1 + 0.2*0.1)

@@ -20,6 +20,7 @@ from raystages.rl.advantages import (
     token_rewards,
 )
 from raystages.rl.losses import (
+    KL_TOKEN_CAP,
     LOG_RATIO_CLAMP,
     AdaptiveKLController,
     FixedKLController,
@@ -32,6 +33,7 @@ from raystages.rl.losses import (
 )
 
 __all__ = [
+    "KL_TOKEN_CAP",
     "LOG_RATIO_CLAMP",
     "AdaptiveKLController",
     "FixedKLController",

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from raystages.rl.algos import gae, group_advantages, kl_estimate, masked_mean, masked_sum, masked_whiten, token_rewards
+from raystages.rl.algos import KL_TOKEN_CAP, gae, group_advantages, kl_estimate, masked_mean, masked_sum, masked_whiten, token_rewards
 from raystages.rl.rollout import Generation
 
 
@@ -89,7 +89,7 @@ def advantages(spec, batch: dict, scores: torch.Tensor, kl_coef: float) -> dict[
     """
     a, mask = spec.algo, batch["mask"]
     placement, kind = spec.kl.resolved(a.name)
-    kl = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], kind, mask)
+    kl = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], kind, mask, cap=KL_TOKEN_CAP)
     coef = kl_coef if placement == "reward" else 0.0
     out = {}
     if a.name == "ppo":
@@ -105,21 +105,13 @@ def advantages(spec, batch: dict, scores: torch.Tensor, kl_coef: float) -> dict[
     return out
 
 
-# k3 is unbiased but heavy-tailed: a sampled token the policy now nearly forbids and the
-# reference liked (pi/ref = 1e-3) adds exp(-log-ratio) ~ 1000 nats. One such token among 64
-# responses moved a CI run's mean from 1.5 to 16.5 and tripped limits.max_kl on a policy
-# whose reward had not moved. Capping each token's term (verl's low_var_kl caps at 10 too)
-# bounds what one sample can add to the guard, while broad drift still shows in full.
-KL_TOKEN_CAP = 10.0
-
-
 def health(batch: dict) -> dict[str, float]:
     """On-policy health of a scored batch: rollout/learner log-prob gap, KL to the
     reference (per sequence: k3 with each token's term capped at ``KL_TOKEN_CAP``, summed
     over tokens; ``kl_ref_k1`` uncapped), entropy, lengths."""
     m = batch["mask"]
     gap = (batch["rollout_logprobs"] - batch["old_logprobs"]).abs()
-    kl_tok = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], "k3", m).clamp(max=KL_TOKEN_CAP)
+    kl_tok = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], "k3", m, cap=KL_TOKEN_CAP)
     kl_seq = masked_sum(kl_tok, m, dim=1)
     out = {
         "logprob_gap_mean": masked_mean(gap, m).item(),

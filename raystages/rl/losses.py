@@ -18,6 +18,7 @@ from raystages.rl.advantages import masked_mean, masked_sum
 
 __all__ = [
     "LOG_RATIO_CLAMP",
+    "KL_TOKEN_CAP",
     "kl_estimate",
     "policy_loss",
     "value_loss",
@@ -32,6 +33,14 @@ __all__ = [
 # anyway (the sample is off-policy by a factor of 10^8) and would overflow.
 LOG_RATIO_CLAMP = 20.0
 
+# k3 is unbiased but heavy-tailed: a sampled token the policy now nearly forbids and the
+# reference liked (pi/ref = 1e-3) adds exp(-log-ratio) ~ 1000 nats. One such token among 64
+# responses moved a CI run's mean from 1.5 to 16.5 and tripped limits.max_kl on a policy
+# whose reward had not moved. Capping each token's term (verl's low_var_kl caps at 10 too)
+# bounds what one sample adds to the guard, the penalty and its gradient, while broad drift
+# still shows in full.
+KL_TOKEN_CAP = 10.0
+
 
 def _masked_log_ratio(a: Tensor, b: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     m = torch.ones_like(a, dtype=torch.bool) if mask is None else torch.broadcast_to(mask, a.shape).bool()
@@ -45,6 +54,7 @@ def kl_estimate(
     ref_logprobs: Tensor,
     kind: Literal["k1", "k2", "k3"],
     mask: Tensor | None = None,
+    cap: float | None = None,
 ) -> Tensor:
     """Per-token Monte-Carlo estimators of KL(pi || ref) for tokens sampled from pi.
 
@@ -58,7 +68,9 @@ def kl_estimate(
     * ``k3 = exp(-lr) - 1 + lr``: unbiased and always >= 0 (it is
       ``(r - 1) - log r`` with ``r = ref/pi``; ``log`` is concave); GRPO's KL term.
 
-    If ``mask`` is given, masked positions are 0.
+    If ``mask`` is given, masked positions are 0. With ``cap``, each token's estimate is
+    clamped to ``[-cap, cap]`` (a capped token passes no gradient), as the trainers pass
+    ``KL_TOKEN_CAP``.
     """
     lr, m = _masked_log_ratio(logprobs, ref_logprobs, mask)
     if kind == "k1":
@@ -69,6 +81,8 @@ def kl_estimate(
         kl = torch.expm1(-lr) + lr  # expm1 keeps precision when lr ~ 0
     else:
         raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
+    if cap is not None:
+        kl = kl.clamp(-cap, cap)
     return torch.where(m, kl, torch.zeros_like(kl))
 
 

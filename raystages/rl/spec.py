@@ -44,7 +44,7 @@ class AlgoSpec(Section):
 
 
 class KlSpec(Section):
-    kind: Literal["k1", "k2", "k3"] | None = Field(None, description="KL(pi || ref) estimator; default k1 in the reward, k3 as a loss.")
+    kind: Literal["k1", "k2", "k3"] | None = Field(None, description="KL(pi || ref) estimator; default k1 in the reward, k3 as a loss. Each token's estimate is clamped to ±10 nats (KL_TOKEN_CAP).")
     placement: Literal["reward", "loss", "none"] | None = Field(None, description="KL penalty in the reward (PPO default) or as a loss term (GRPO/RLOO default), or off.")
     coef: float = Field(0.05, ge=0, description="KL coefficient (initial value when adaptive).")
     adaptive: bool = Field(False, description="Adapt the coefficient toward `target` (Ziegler et al. 2019).")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from raystages.rl.algos import aggregate_loss, entropy_from_logits, kl_estimate, logprobs_from_logits, policy_loss, value_loss
+from raystages.rl.algos import KL_TOKEN_CAP, aggregate_loss, entropy_from_logits, kl_estimate, logprobs_from_logits, policy_loss, value_loss
 
 
 def _trim(batch: dict, rows) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -100,7 +100,7 @@ def ppo_update(w, batch: dict, kl_coef: float, iteration: int) -> dict:
                 loss = agg(pl)
                 local = m.sum().item()
                 if placement == "loss":
-                    kl = kl_estimate(lp, take("ref_logprobs"), kind, m)
+                    kl = kl_estimate(lp, take("ref_logprobs"), kind, m, cap=KL_TOKEN_CAP)
                     loss = loss + kl_coef * agg(kl)
                     add("kl_loss", (kl.sum() / max(local, 1)).item(), local)
                 ent = entropy_from_logits(logits)
