@@ -141,3 +141,22 @@ def test_cased_wordpiece_keeps_capitals_for_ner(tmp_path):
     train_wordpiece_tokenizer(texts, 300, tmp_path / "cased", lowercase=False)
     tok = load_tokenizer(str(tmp_path / "cased"))
     assert tok.convert_ids_to_tokens(tok("Empire empire")["input_ids"]) == ["[CLS]", "Empire", "empire", "[SEP]"]
+
+
+def test_masked_positions_lm_scores_the_labelled_positions_as_the_full_model_does():
+    from transformers import BertConfig, BertForMaskedLM
+
+    from raystages.stages.mlm import MaskedPositionsLM
+
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)).eval()
+    ids = torch.randint(5, 50, (3, 7))
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 2], labels[1, 0], labels[1, 6], labels[2, 3] = 7, 8, 9, 10
+    full = mlm(input_ids=ids).logits
+    sparse = MaskedPositionsLM(mlm)(ids, labels)
+    assert sparse.shape == (4, 50)
+    torch.testing.assert_close(sparse, full[labels != IGNORE], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(label_ce(sparse, labels[labels != IGNORE]), label_ce(full, labels), atol=1e-5, rtol=1e-5)
