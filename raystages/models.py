@@ -237,6 +237,41 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def padded(seqs: list[list[int]], pad_id: int, left: bool = False):
+    """``(ids, attention_mask)``, both ``(B, max_len)`` long tensors, of token-id lists
+    padded with ``pad_id`` on the right (on the left with ``left``: every row's last
+    token in the last column, as generation wants)."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
+def with_lora(model, lora, task_type: str):
+    """``model`` with peft LoRA adapters on ``lora.target_modules`` when ``lora.enabled``
+    (``task_type`` ``CAUSAL_LM``, or ``SEQ_CLS``, which also trains the new score head
+    whole), else ``model`` itself. Only the adapters (and that head) require grad."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), task_type=task_type))
+
+
+def without_adapters(model):
+    """A peft model with its LoRA adapters folded into the weights (a plain Hugging Face
+    model, as every export is); any other model as it is."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def export_hf(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[str, Any] | None = None):
     """Save model (safetensors) + tokenizer + generation config to ``out_dir`` atomically:
     written beside it and renamed into place, so a crash never leaves a half export."""

@@ -387,6 +387,7 @@ class PreferenceFieldsSpec(Section):
 class RmSection(Section):
     fields: PreferenceFieldsSpec = Field(default_factory=PreferenceFieldsSpec)
     center_coef: float = Field(0.0, ge=0, description="Weight of the centring term coef * (r_chosen + r_rejected)^2.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapters on the body; the new score head trains whole. Merged into the export.")
 
 
 class RmSpec(StageSpec):

@@ -61,3 +61,12 @@ def test_context_length_comes_from_preset_override_or_checkpoint(random_checkpoi
     assert context_length("tiny", None, {"max_position_embeddings": 64}) == 64
     assert context_length(None, str(random_checkpoint), None) == 256
     assert context_length(None, "some/hub-model", None) is None
+
+
+def test_padded_right_and_left():
+    from raystages.models import padded
+
+    ids, mask = padded([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = padded([[5, 6, 7], [8]], pad_id=0, left=True)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -138,12 +138,7 @@ class RewardModelScorer:
         """Score ``(prompt, response)`` pairs re-encoded with the RM's own chat template, laid
         out as the RM stage trained on them."""
         from raystages.data.preference import scoring_ids
+        from raystages.models import padded
 
         seqs = [scoring_ids(self.tok, p, r) for p, r in zip(prompts, responses)]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
-        return self.score_ids(ids, mask)
+        return self.score_ids(*padded(seqs, self.tok.pad_token_id))

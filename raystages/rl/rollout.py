@@ -181,12 +181,9 @@ class HfEngine(Engine):
         self.batch_size = batch_size
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+        from raystages.models import padded
+
+        ids, mask = padded(seqs, self.pad_id, left=True)
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()

@@ -34,10 +34,26 @@ STAGE_MODEL_IDS = {name: s.served_as for name, s in STAGES.items()} | {"reward":
 CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
+CLASSIFY, FILL_MASK = "classify", "fill-mask"
+
+
+def head_kind(architecture: str, num_labels: int) -> str | None:
+    """The kind of an encoder task-head checkpoint (``classify`` for a sequence classifier
+    with two or more labels or a token classifier, ``fill-mask`` for a masked LM); None
+    for the others (a one-label sequence classifier is a reward model)."""
+    if architecture.endswith("ForTokenClassification"):
+        return CLASSIFY
+    if architecture.endswith("ForSequenceClassification") and num_labels > 1:
+        return CLASSIFY
+    if architecture.endswith("ForMaskedLM"):
+        return FILL_MASK
+    return None
+
+
 @dataclass
 class ServedModel:
     name: str
-    kind: str  # "generate" | "score"
+    kind: str  # "generate" | "score" | "classify" | "fill-mask" (routes.ROUTES_OF_KIND)
     spec: ServedModelSpec
     stage: str | None
     created: int
@@ -115,7 +131,10 @@ def _served(name: str, path: Path, spec: ServeSpec) -> ServedModel:
         created = calendar.timegm(time.strptime(lineage["created"], "%Y-%m-%dT%H:%M:%SZ"))
     except (KeyError, ValueError):
         created = int(cfg_file.stat().st_mtime)
-    kind = "score" if arch.endswith("ForSequenceClassification") else "generate"
+    # A saved config holds id2label, not num_labels (a reward model's has one label).
+    kind = head_kind(arch, len(cfg.get("id2label") or {}) or 2)
+    if kind is None:
+        kind = "score" if arch.endswith("ForSequenceClassification") else "generate"
     return ServedModel(name, kind, m, lineage.get("stage"), created, m.max_model_len or ctx)
 
 
@@ -175,10 +194,14 @@ def build(models: list[ServedModel], spec: ServeSpec):
 
     from raystages.serve.routes import ingress_class, make_api
     from raystages.serve.scorer import RewardScorer
+    from raystages.serve.task_heads import TaskHeadServer
 
     info = {m.name: m.info() for m in models}
+    # Every model that does not generate runs on transformers, whichever the engine.
     scorers = {m.name: serve.deployment(RewardScorer, **_options(f"Scorer:{m.name}", m.spec)).bind(**_bind_kwargs(m))
                for m in models if m.kind == "score"}
+    scorers |= {m.name: serve.deployment(TaskHeadServer, **_options(f"TaskHead:{m.name}", m.spec)).bind(
+                    **_bind_kwargs(m)) for m in models if m.kind in ("classify", "fill-mask")}
     gen = [m for m in models if m.kind == "generate"]
     ingress_opts = {"name": "Ingress", "num_replicas": spec.ingress_replicas, "max_ongoing_requests": 4096,
                     "ray_actor_options": {"num_cpus": 0}}

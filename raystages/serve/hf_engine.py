@@ -158,13 +158,10 @@ class HFEngine:
         only; each later step feeds ``(batch, 1)`` new tokens against the shared KV cache."""
         import torch
 
-        width = max(len(j.ids) for j in jobs)
-        pad = self.tok.pad_token_id
-        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, job in enumerate(jobs):  # left padding: every row's next token is at the end
-            ids[r, width - len(job.ids):] = torch.tensor(job.ids)
-            mask[r, width - len(job.ids):] = 1
+        from raystages.models import padded
+
+        # Left padding: every row's next token is at the end.
+        ids, mask = padded([j.ids for j in jobs], self.tok.pad_token_id, left=True)
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         gens = [torch.Generator().manual_seed(j.seed) for j in jobs]

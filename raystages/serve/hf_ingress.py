@@ -114,5 +114,7 @@ class HFIngress(StagesRoutes):
     models = StagesRoutes.models
     model_data = StagesRoutes.model_data
     score = StagesRoutes.score
+    classify = StagesRoutes.classify
+    fill_mask = StagesRoutes.fill_mask
     health = StagesRoutes.health
 

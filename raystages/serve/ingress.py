@@ -111,4 +111,6 @@ class VLLMIngress(StagesRoutes, OpenAiIngress):
     models = StagesRoutes.models
     model_data = StagesRoutes.model_data
     score = StagesRoutes.score
+    classify = StagesRoutes.classify
+    fill_mask = StagesRoutes.fill_mask
     health = StagesRoutes.health

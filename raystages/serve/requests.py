@@ -140,6 +140,27 @@ class ScoreRequest(_Strict):
         return [r if isinstance(r, str) else [m.as_template_message() for m in r] for r in self.responses]
 
 
+Texts = str | Annotated[list[str], Field(min_length=1, max_length=512)]
+
+
+class ClassifyRequest(_Strict):
+    """``POST /v1/classify``: label each text with a classification head, or find its
+    entities with a token-classification head."""
+
+    model: str | None = Field(None, description="Task-head model id; default: the only one served.")
+    input: Texts = Field(..., description="A text or a list of texts.")
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class FillMaskRequest(ClassifyRequest):
+    """``POST /v1/fill-mask``: the likeliest tokens for each mask token of each text."""
+
+    model: str | None = Field(None, description="Masked-LM model id; default: the only one served.")
+    top_k: Annotated[int, Field(ge=1, le=100)] = 5
+
+
 class ScoreItem(BaseModel):
     object: Literal["score"] = "score"
     index: int

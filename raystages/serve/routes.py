@@ -1,5 +1,7 @@
 """What every engine's ingress shares: the FastAPI app (API-key check, OpenAI-shaped
-errors), and the routes that do not generate: ``/v1/models``, ``/health``, ``/v1/score``.
+errors), and the routes that do not generate: ``/v1/models``, ``/health``, ``/ready``,
+``/metrics``, ``/v1/score`` (reward models), ``/v1/classify`` (task heads) and
+``/v1/fill-mask`` (masked LMs).
 
 Nothing here imports vLLM or ``ray.serve.llm``, so the transformers engine can use it on
 machines without them. Errors leave as OpenAI's error body (``errors``) with a 4xx status
@@ -25,13 +27,18 @@ from starlette.responses import JSONResponse
 from raystages.serve.errors import (REQUEST_ID_HEADER, ApiError, as_api_error, engine_error,  # noqa: F401
                                     error_response, reject_invalid_text)
 from raystages.serve.metrics import RequestTimer
-from raystages.serve.requests import ScoreRequest, ScoreResponse, check_n, validation_error
+from raystages.serve.requests import (ClassifyRequest, FillMaskRequest, ScoreRequest, ScoreResponse, check_n,
+                                      validation_error)
 
 HEALTH_PATHS = ("/health", "/ready", "/metrics")  # open without the API key: probes and scrapers
 # How long a model's engine may take to answer the readiness probe (one token) before
 # /ready calls it not ready: short, so a dead engine shows within seconds, not after
 # the request timeout (a busy engine answers one token in far less).
 READY_DEADLINE_S = 3.0
+# Each model kind's routes, and the word an error uses for it.
+ROUTES_OF_KIND = {"generate": "POST /v1/completions or /v1/chat/completions", "score": "POST /v1/score",
+                  "classify": "POST /v1/classify", "fill-mask": "POST /v1/fill-mask"}
+KIND_WORD = {"generate": "generation", "score": "scoring", "classify": "classification", "fill-mask": "fill-mask"}
 
 
 def request_id(request: Request) -> str | None:
@@ -113,18 +120,19 @@ def make_api(api_key: str | None) -> FastAPI:
 
 class StagesRoutes:
     """Mixed into each engine's ingress. ``models_info`` maps model id -> {kind: generate |
-    score, created, max_model_len, stage, root}; ``scorers`` maps scoring ids -> handles."""
+    score | classify | fill-mask, created, max_model_len, stage, root}; ``scorers`` maps the
+    ids of the models that do not generate to their deployments' handles."""
 
     def _init_routes(self, models_info: dict[str, dict], scorers: dict[str, Any]):
         self._info = models_info
         self._scorers = scorers
 
     def _resolve_model(self, name: str | None, kind: str) -> str:
-        """The served model ``name`` names for a route serving ``kind`` (generate | score).
+        """The served model ``name`` names for a route serving ``kind`` (see ROUTES_OF_KIND).
         The same mistake gets the same answer on every route, as OpenAI answers it: an
-        unknown model and a model of the other kind are both 404 on ``model``."""
+        unknown model and a model of another kind are both 404 on ``model``."""
         of_kind = sorted(m for m, i in self._info.items() if i["kind"] == kind)
-        what = "generation" if kind == "generate" else "scoring"
+        what = KIND_WORD[kind]
         if name is None:
             if len(of_kind) == 1:
                 return of_kind[0]
@@ -136,7 +144,7 @@ class StagesRoutes:
             raise ApiError(404, f"The model `{name}` does not exist. Served: {sorted(self._info)}", "model",
                            "model_not_found")
         if self._info[name]["kind"] != kind:
-            route = "POST /v1/score" if kind == "generate" else "/v1/completions or /v1/chat/completions"
+            route = ROUTES_OF_KIND[self._info[name]["kind"]]
             raise ApiError(404, f"The model `{name}` is not a {what} model and is not supported on this route: "
                            f"use {route}.", "model", "model_not_supported")
         return name
@@ -180,9 +188,12 @@ class StagesRoutes:
 
         async def probe(name: str) -> str | None:
             try:
-                if self._info[name]["kind"] == "score":
+                kind = self._info[name]["kind"]
+                if kind == "score":
                     out = await asyncio.wait_for(self._scorers[name].score.remote(None, ["a"]), READY_DEADLINE_S)
                     ok = "scores" in out
+                elif kind in ("classify", "fill-mask"):
+                    ok = await asyncio.wait_for(self._scorers[name].probe.remote(), READY_DEADLINE_S)
                 else:
                     ok = await asyncio.wait_for(self._probe_generation(name), READY_DEADLINE_S)
                 return None if ok else "its engine answered with an error"
@@ -215,6 +226,29 @@ class StagesRoutes:
             data=[{"index": i, "score": s} for i, s in enumerate(out["scores"])],
             usage={"prompt_tokens": out["tokens"], "total_tokens": out["tokens"]}).model_dump())
 
+    async def _task_head(self, request: Request, kind: str, call: str, body, *args) -> dict:
+        name = request.state.model = self._resolve_model(body.model, kind)
+        reject_invalid_text({"input": body.input})
+        out = await getattr(self._scorers[name], call).remote(body.texts(), *args)
+        if "error" in out:
+            raise ApiError(400, out["error"], out.get("param"), out.get("code"))
+        request.state.usage = {"prompt_tokens": out["tokens"]}
+        return {"id": f"{kind}-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": name,
+                "usage": {"prompt_tokens": out["tokens"], "total_tokens": out["tokens"]}, "results": out["results"]}
+
+    async def classify(self, body: ClassifyRequest, request: Request):
+        """Labels with probabilities (classification) or entities with character offsets
+        (token classification), one item per input text."""
+        out = await self._task_head(request, "classify", "classify", body)
+        out["data"] = [{"object": "classification", "index": i, **r} for i, r in enumerate(out.pop("results"))]
+        return JSONResponse(out)
+
+    async def fill_mask(self, body: FillMaskRequest, request: Request):
+        """The ``top_k`` likeliest tokens for each mask token, one item per input text."""
+        out = await self._task_head(request, "fill-mask", "fill_mask", body, body.top_k)
+        out["data"] = [{"object": "fill_mask", "index": i, "masks": r} for i, r in enumerate(out.pop("results"))]
+        return JSONResponse(out)
+
 
 ROUTE_SPECS = {
     # method name -> (HTTP method, path); each ingress builds its endpoint map from it.
@@ -223,6 +257,8 @@ ROUTE_SPECS = {
     "completions": ("POST", "/v1/completions"),
     "chat": ("POST", "/v1/chat/completions"),
     "score": ("POST", "/v1/score"),
+    "classify": ("POST", "/v1/classify"),
+    "fill_mask": ("POST", "/v1/fill-mask"),
     "health": ("GET", "/health"),
     "ready": ("GET", "/ready"),
     "metrics": ("GET", "/metrics"),

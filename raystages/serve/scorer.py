@@ -22,12 +22,9 @@ def score_padded(model, seqs: list[list[int]], pad_id: int, device="cpu") -> lis
     logit at each sequence's last real token (found from ``pad_token_id``)."""
     import torch
 
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    from raystages.models import padded
+
+    ids, mask = padded(seqs, pad_id)
     with torch.no_grad():
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, 1)
     return logits[:, 0].tolist()

@@ -60,11 +60,6 @@ class DpoStage(Stage):
             return {}
         return {"ref": build_causal_lm(spec.model, tokenizer, spec.run.seed)}
 
-    def export(self, model, tokenizer, out_dir):
-        from raystages.stages.sft import export_policy
-
-        export_policy(model, tokenizer, out_dir)
-
     def pair_terms(self, model, batch) -> tuple:
         """``(per-pair loss (B,), metrics)``; the metrics are means over the pairs.
 

@@ -30,8 +30,11 @@ class RewardStage(Stage):
         self.center_coef = center_coef
 
     def build_model(self, spec, tokenizer):
-        return load_reward_model(spec.model.path, tokenizer, spec.model.trust_remote_code,
-                                 spec.model.config_overrides)
+        from raystages.models import with_lora
+
+        model = load_reward_model(spec.model.path, tokenizer, spec.model.trust_remote_code,
+                                  spec.model.config_overrides)
+        return with_lora(model, spec.rm.lora, "SEQ_CLS")
 
     def rewards(self, model, batch):
         """Scalar rewards ``(B,)`` of the chosen and of the rejected sides of ``B`` pairs."""

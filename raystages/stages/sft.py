@@ -7,7 +7,7 @@ by default) are rendered with the tokenizer's chat template and labelled so that
 assistant tokens, each turn's ``<|end|>`` included, carry loss. Examples are padded one
 per row, or packed several per block (``sft.packing``) without attention between them.
 Ray Train + DeepSpeed fine-tune all weights or LoRA adapters (``sft.lora``, merged into
-the export). On the built-in task the driver then answers held-out prompts greedily with
+the export by ``Stage.export``). On the built-in task the driver then answers held-out prompts greedily with
 both the parent checkpoint and the export and reports exact-match accuracy of each.
 ``sft.task: classification | token_classification`` trains a new head instead: see
 :mod:`raystages.stages.task_heads`.
@@ -46,30 +46,12 @@ class SftStage(Stage):
         logits = model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
         return masked_token_ce(logits, batch["labels"], normalizer), self.count(batch)
 
-    def export(self, model, tokenizer, out_dir):
-        export_policy(model, tokenizer, out_dir)
-
 
 def build_policy(spec, tokenizer, lora):
     """The causal LM of ``spec.model``, with LoRA adapters when ``lora.enabled``."""
-    from raystages.models import build_causal_lm
+    from raystages.models import build_causal_lm, with_lora
 
-    model = build_causal_lm(spec.model, tokenizer, spec.run.seed)
-    if lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
-    return model
-
-
-def export_policy(model, tokenizer, out_dir: str) -> None:
-    from raystages.models import export_hf
-
-    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
-        model = model.merge_and_unload()
-    export_hf(model, tokenizer, out_dir)
+    return with_lora(build_causal_lm(spec.model, tokenizer, spec.run.seed), lora, "CAUSAL_LM")
 
 
 def check_parent(spec) -> str:

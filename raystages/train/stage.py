@@ -51,6 +51,7 @@ class Stage:
         return {}
 
     def export(self, model, tokenizer, out_dir: str) -> None:
-        from raystages.models import export_hf
+        """A plain Hugging Face checkpoint: LoRA adapters, if any, merged in."""
+        from raystages.models import export_hf, without_adapters
 
-        export_hf(model, tokenizer, out_dir)
+        export_hf(without_adapters(model), tokenizer, out_dir)
