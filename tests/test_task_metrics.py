@@ -65,3 +65,18 @@ def test_accuracy_and_macro_f1_from_a_confusion_matrix():
     assert out["macro_f1"] == pytest.approx((4 / 7 + 1 / 2 + 0) / 3)
     # A class absent from gold and predictions does not count (scikit-learn's macro).
     assert classification_metrics(confusion([0, 1], [0, 1], 3))["macro_f1"] == 1.0
+
+
+def test_word_entities_take_each_words_first_piece_and_span_characters():
+    from raystages.serve.task_heads import word_entities
+
+    text = "New Yorkshire is big"
+    # [CLS] New York ##shire is big [SEP]; the second piece of a word does not vote.
+    offsets = [(0, 0), (0, 3), (4, 8), (8, 13), (14, 16), (17, 20), (0, 0)]
+    word_ids = [None, 0, 1, 1, 2, 3, None]
+    tags = ["O", "B-location", "I-location", "B-person", "O", "I-group", "O"]
+    probs = [1.0, 0.9, 0.7, 0.1, 0.8, 0.6, 1.0]
+    assert word_entities(text, offsets, word_ids, tags, probs) == [
+        {"entity": "location", "start": 0, "end": 13, "text": "New Yorkshire", "score": pytest.approx(0.8)},
+        # An I- that continues nothing opens an entity, as seqeval reads BIO.
+        {"entity": "group", "start": 17, "end": 20, "text": "big", "score": pytest.approx(0.6)}]

@@ -201,7 +201,7 @@ def build(models: list[ServedModel], spec: ServeSpec):
     scorers = {m.name: serve.deployment(RewardScorer, **_options(f"Scorer:{m.name}", m.spec)).bind(**_bind_kwargs(m))
                for m in models if m.kind == "score"}
     scorers |= {m.name: serve.deployment(TaskHeadServer, **_options(f"TaskHead:{m.name}", m.spec)).bind(
-                    **_bind_kwargs(m)) for m in models if m.kind in ("classify", "fill-mask")}
+                    **_bind_kwargs(m)) for m in models if m.kind in (CLASSIFY, FILL_MASK)}
     gen = [m for m in models if m.kind == "generate"]
     ingress_opts = {"name": "Ingress", "num_replicas": spec.ingress_replicas, "max_ongoing_requests": 4096,
                     "ray_actor_options": {"num_cpus": 0}}

@@ -7,8 +7,9 @@ by default) are rendered with the tokenizer's chat template and labelled so that
 assistant tokens, each turn's ``<|end|>`` included, carry loss. Examples are padded one
 per row, or packed several per block (``sft.packing``) without attention between them.
 Ray Train + DeepSpeed fine-tune all weights or LoRA adapters (``sft.lora``, merged into
-the export by ``Stage.export``). On the built-in task the driver then answers held-out prompts greedily with
-both the parent checkpoint and the export and reports exact-match accuracy of each.
+the export by ``Stage.export``). On the built-in task the driver then answers held-out
+prompts greedily with both the parent checkpoint and the export and reports exact-match
+accuracy of each.
 ``sft.task: classification | token_classification`` trains a new head instead: see
 :mod:`raystages.stages.task_heads`.
 """
