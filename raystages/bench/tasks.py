@@ -95,6 +95,13 @@ def _options(overrides: list[str]) -> tuple[dict, list[str]]:
     return steps, rest
 
 
+def _mlm_figures(result, steps: int, text: str, t0: float) -> dict:
+    return {"val_masked_accuracy": result.metrics.get("val_masked_accuracy"),
+            "val_masked_majority_baseline": result.metrics.get("val_masked_majority_baseline"),
+            "params": result.metrics.get("params"), "steps": steps, "pretraining_text": text,
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
 def run(overrides: list[str]) -> dict:
     from raystages.models import build_masked_lm, export_hf, load_tokenizer
     from raystages.spec import load_spec
@@ -112,11 +119,7 @@ def run(overrides: list[str]) -> dict:
     mlm = pretrain.run(load_spec(ROOT / "jobs" / "pretrain-mlm.yaml", [
         *common, f"data.source={rt / 'train.jsonl'}", f"data.val_source={rt / 'dev.jsonl'}",
         f"optim.max_steps={steps['mlm_steps']}", "run.name=mlm", *model_overrides]))
-    out["mlm"] = {"val_masked_accuracy": mlm.metrics.get("val_masked_accuracy"),
-                  "val_masked_majority_baseline": mlm.metrics.get("val_masked_majority_baseline"),
-                  "params": mlm.metrics.get("params"), "steps": steps["mlm_steps"],
-                  "pretraining_text": "rotten_tomatoes train sentences (labels unused)",
-                  "wall_s": round(time.perf_counter() - t0, 1)}
+    out["mlm"] = _mlm_figures(mlm, steps["mlm_steps"], "rotten_tomatoes train sentences (labels unused)", t0)
 
     # The same architecture and tokenizer with fresh weights: the from-scratch arm.
     tok = load_tokenizer(str(mlm.export_dir))
@@ -145,11 +148,8 @@ def run(overrides: list[str]) -> dict:
     ner_mlm = pretrain.run(load_spec(ROOT / "jobs" / "pretrain-mlm-ner.yaml", [
         *common, f"data.source={wnut / 'train.jsonl'}", f"data.val_source={wnut / 'dev.jsonl'}",
         f"optim.max_steps={steps['ner_mlm_steps']}", "run.name=mlm-ner", *model_overrides]))
-    out["mlm_ner"] = {"val_masked_accuracy": ner_mlm.metrics.get("val_masked_accuracy"),
-                      "val_masked_majority_baseline": ner_mlm.metrics.get("val_masked_majority_baseline"),
-                      "steps": steps["ner_mlm_steps"], "tokenizer": "cased WordPiece",
-                      "pretraining_text": "wnut17 train sentences (tags unused)",
-                      "wall_s": round(time.perf_counter() - t0, 1)}
+    out["mlm_ner"] = _mlm_figures(ner_mlm, steps["ner_mlm_steps"],
+                                  "wnut17 train sentences (tags unused), cased WordPiece", t0)
     t0 = time.perf_counter()
     spec = load_spec(ROOT / "jobs" / "sft-ner.yaml", [
         *common, f"model.path={ner_mlm.export_dir}", f"data.source={wnut / 'train.jsonl'}",

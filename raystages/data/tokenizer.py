@@ -14,8 +14,9 @@ def prepare_tokenizer(spec, training_texts: Iterable[str]) -> str:
 
     Priority: ``tokenizer.path``, then ``model.path`` (a checkpoint carries its tokenizer),
     then one trained on the first ``tokenizer.train_docs`` training texts: WordPiece for
-    the ``bert-*`` encoder presets (cased or not by ``tokenizer.lowercase``), byte-level BPE for the causal ones. ``training_texts``
-    may be a lazy iterator: only those first documents are read, and only when training.
+    the ``bert-*`` encoder presets (cased or not by ``tokenizer.lowercase``), byte-level
+    BPE for the causal ones. ``training_texts`` may be a lazy iterator: only those first
+    documents are read, and only when training.
     A rerun reuses the tokenizer already there, so a resumed run keeps its vocabulary.
     """
     from raystages.models import (is_encoder_preset, load_tokenizer, train_tokenizer,

@@ -19,7 +19,6 @@ import asyncio
 
 from ray import serve
 
-from raystages.serve.app import CLASSIFY, FILL_MASK, head_kind
 from raystages.stages.task_metrics import bio_entities
 
 
@@ -63,11 +62,9 @@ class TaskHeadServer:
         from raystages.models import load_tokenizer
 
         torch.set_num_threads(max(1, threads))
-        config = AutoConfig.from_pretrained(path)
-        arch = (config.architectures or [""])[0]
-        self.kind = head_kind(arch, config.num_labels)
+        arch = (AutoConfig.from_pretrained(path).architectures or [""])[0]
         self.task = ("token_classification" if arch.endswith("ForTokenClassification") else
-                     "classification" if self.kind == CLASSIFY else "fill_mask")
+                     "fill_mask" if arch.endswith("ForMaskedLM") else "classification")
         auto = {"token_classification": AutoModelForTokenClassification,
                 "classification": AutoModelForSequenceClassification, "fill_mask": AutoModelForMaskedLM}[self.task]
         self.tok = load_tokenizer(path)
@@ -89,7 +86,7 @@ class TaskHeadServer:
     async def classify(self, texts: list[str]) -> dict:
         """``{"results": [...], "tokens": n}``: per text ``{"label", "score", "scores"}``
         (classification) or ``{"entities": [...]}`` (token classification); or an error."""
-        if self.kind != CLASSIFY:
+        if self.task == "fill_mask":
             return {"error": "this model has no classification head", "param": "model", "code": "model_not_supported"}
         encs = self._encode(texts)
         if isinstance(encs, dict):
@@ -97,22 +94,20 @@ class TaskHeadServer:
         probs = await asyncio.gather(*(self._forward(e["input_ids"]) for e in encs))
         results = []
         for text, enc, p in zip(texts, encs, probs):
-            if self.task == "classification":
-                row = p[0]  # (C,) the head reads [CLS]: the first position's row carries it
-                best = max(range(len(row)), key=row.__getitem__)
-                results.append({"label": self.labels[best], "score": row[best],
-                                "scores": dict(zip(self.labels, row))})
+            score, best = p.max(-1)  # (T,) each position's likeliest label and its probability
+            if self.task == "classification":  # one row: the head reads [CLS]
+                results.append({"label": self.labels[int(best[0])], "score": score[0].item(),
+                                "scores": dict(zip(self.labels, p[0].tolist()))})
             else:
-                best = [max(range(len(r)), key=r.__getitem__) for r in p]
                 results.append({"entities": word_entities(
                     text, [tuple(o) for o in enc["offset_mapping"]], enc.word_ids(),
-                    [self.labels[b] for b in best], [r[b] for r, b in zip(p, best)])})
+                    [self.labels[b] for b in best.tolist()], score.tolist())})
         return {"results": results, "tokens": sum(len(e["input_ids"]) for e in encs)}
 
     async def fill_mask(self, texts: list[str], top_k: int) -> dict:
         """``{"results": [[...] per mask token] per text, "tokens": n}``: each candidate
         ``{"token", "token_id", "score", "sequence"}``, best first; or an error."""
-        if self.kind != FILL_MASK:
+        if self.task != "fill_mask":
             return {"error": "this model is not a masked LM", "param": "model", "code": "model_not_supported"}
         mask = self.tok.mask_token
         for i, t in enumerate(texts):
@@ -127,18 +122,18 @@ class TaskHeadServer:
             ids = enc["input_ids"]
             per_mask = []
             for pos in (i for i, t in enumerate(ids) if t == self.tok.mask_token_id):
-                row = p[pos]
-                top = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:top_k]
-                per_mask.append([{"token": self.tok.convert_ids_to_tokens(c), "token_id": c, "score": row[c],
+                top = p[pos].topk(min(top_k, p.shape[-1]))
+                per_mask.append([{"token": self.tok.convert_ids_to_tokens(c), "token_id": c, "score": sc,
                                   "sequence": self.tok.decode(ids[:pos] + [c] + ids[pos + 1:], skip_special_tokens=True)}
-                                 for c in top])
+                                 for sc, c in zip(top.values.tolist(), top.indices.tolist())])
             results.append(per_mask)
         return {"results": results, "tokens": sum(len(e["input_ids"]) for e in encs)}
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def _forward(self, batch: list[list[int]]) -> list[list[list[float]]]:
+    async def _forward(self, batch: list[list[int]]) -> list:
         """Right-padded forward: per sequence, its positions' label (or vocabulary)
-        probabilities ``(T, C)`` as lists; a sequence classifier's ``(1, C)``."""
+        probabilities, a ``(T, C)`` tensor; a sequence classifier's is ``(1, C)``. Each
+        route reads off only what it answers with (a masked LM's vocabulary stays a tensor)."""
         import torch
 
         from raystages.models import padded
@@ -148,8 +143,8 @@ class TaskHeadServer:
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
         probs = logits.float().softmax(-1).cpu()
         if probs.dim() == 2:  # (B, C): one row per sequence
-            return [[p.tolist()] for p in probs]
-        return [probs[i, : len(s)].tolist() for i, s in enumerate(batch)]
+            return list(probs[:, None, :])
+        return [probs[i, : len(s)] for i, s in enumerate(batch)]
 
     async def probe(self) -> bool:
         """Readiness: one forward of a one-word text."""

@@ -52,8 +52,8 @@ class MlmStage(Stage):
 
     def loss(self, model, batch):
         inputs, labels = self.masked(batch)
-        logits = model(input_ids=inputs, labels=labels)
-        return label_ce(logits, labels[labels != IGNORE]), int((labels != IGNORE).sum())
+        targets = labels[labels != IGNORE]  # (N,): the masked positions' tokens, in forward's order
+        return label_ce(model(input_ids=inputs, labels=labels), targets), targets.numel()
 
     def extra_eval(self, model, batches):
         """Masked-token accuracy over all ranks' held-out batches (reduced here, so every
@@ -68,11 +68,8 @@ class MlmStage(Stage):
         dist.all_reduce(hits)
         return {"masked_accuracy": (hits[0] / hits[1].clamp(min=1)).item()}
 
-
     def export(self, model, tokenizer, out_dir: str) -> None:
-        from raystages.models import export_hf
-
-        export_hf(model.mlm, tokenizer, out_dir)
+        super().export(model.mlm, tokenizer, out_dir)  # the Hugging Face model, not the wrapper
 
 
 class MaskedPositionsLM(torch.nn.Module):
