@@ -146,7 +146,10 @@ def train_wordpiece_tokenizer(texts: list[str], vocab_size: int, out_dir: str | 
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, **ENCODER_SPECIALS)
+    # BERT's inputs: a pair's segment ids (1 on its second text) reach the model, in training
+    # and in a user's `model(**tokenizer(a, b))` alike.
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+                                 **ENCODER_SPECIALS)
     _atomic_save(hf.save_pretrained, out_dir)
     return hf
 

@@ -22,6 +22,18 @@ def _metrics_log(run_dir: Path) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
+RL_SMOOTHING = 8  # iterations in the running mean of the RL reward plot
+
+
+def running_mean(values: list[float] | tuple[float, ...], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plots(root: Path, stages: list[str]) -> list[str]:
     """Write the PNGs; returns their file names (none without matplotlib)."""
     try:
@@ -56,7 +68,12 @@ def plots(root: Path, stages: list[str]) -> list[str]:
         for key in ("reward", "reward_oracle"):
             pts = [(r["step"], r[key]) for r in rl if key in r]
             if pts:
-                axes[0].plot(*zip(*pts), marker=".", label=key)
+                # Each iteration draws new prompts, whose difficulty varies more than the
+                # policy does between two iterations: the trend is in the running mean.
+                line, = axes[0].plot(*zip(*pts), marker=".", alpha=0.35, linewidth=0.8)
+                steps, values = zip(*pts)
+                axes[0].plot(steps, running_mean(values, RL_SMOOTHING), color=line.get_color(),
+                             label=f"{key} (mean of {RL_SMOOTHING})")
         axes[0].set_title("RL: reward per iteration"), axes[0].legend()
         pts = [(r["step"], r["kl_ref"]) for r in rl if "kl_ref" in r]
         if pts:

@@ -154,6 +154,14 @@ def test_classify_route_labels_held_out_texts_as_the_export_does(heads_app, clas
     first = body["data"][0]
     assert first["scores"] == pytest.approx({"sorted": probs[0].item(), "unsorted": probs[1].item()}, abs=1e-5)
     assert first["score"] == max(first["scores"].values())
+    # Text pairs: [CLS] a [SEP] b [SEP] with segment ids, scored as the export scores them.
+    texts, seconds = ["a b c", "d c b a"], ["c b", "e f g"]
+    pair = post(heads_app, "classify", {"model": "sentiment", "input": texts, "text_pair": seconds}, HEADS)
+    assert pair.status_code == 200, pair.text
+    with torch.no_grad():
+        pair_probs = [model(**tok(a, b, return_tensors="pt")).logits.softmax(-1)[0, 0].item()
+                      for a, b in zip(texts, seconds)]
+    assert [d["scores"]["sorted"] for d in pair.json()["data"]] == pytest.approx(pair_probs, abs=1e-5)
     # Two classification models are served: which one is the client's to say.
     unnamed = post(heads_app, "classify", {"input": "a b c"}, HEADS)
     assert unnamed.status_code == 400 and unnamed.json()["error"]["param"] == "model"
@@ -201,6 +209,8 @@ def test_fill_mask_route_and_bad_requests(heads_app):
             ("classify", {"model": "tagger", "input": []}, 400, "input"),
             ("classify", {"model": "tagger", "input": 3}, 400, "input"),
             ("classify", {"model": "tagger", "input": "a", "extra": 1}, 400, "extra"),
+            ("classify", {"model": "sentiment", "input": ["a", "b"], "text_pair": ["c"]}, 400, "text_pair"),
+            ("classify", {"model": "tagger", "input": "a", "text_pair": "b"}, 400, "text_pair"),
             ("classify", b'{"model": "tagger", "input": "a\\ud800"}', 400, "input"),
             ("fill-mask", {"model": "mlm", "input": "a [MASK]", "top_k": 0}, 400, "top_k")]:
         bad = post(heads_app, route, body, HEADS)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from raystages.pipeline import chain_key, format_chain, lineage_chain, load_pipeline, run_pipeline
-from raystages.report import write_report
+from raystages.report import running_mean, write_report
 from raystages.spec import SpecError
 from tests.conftest import CLI, ROOT
 
@@ -64,6 +64,12 @@ def test_quickstart_wires_each_export_into_the_next_stage(tmp_path):
     assert [s.ref for s in rl.reward.sources if s.kind == "model"] == [str(root / "rm" / "model")]
     # The chain key moves with the spec and with the parent's key.
     assert chain_key("a", "p") != chain_key("a", "q") != chain_key("b", "q")
+
+
+def test_running_mean_of_the_rl_reward_curve():
+    assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert running_mean([2.0, 4.0], 8) == [2.0, 3.0]
+    assert running_mean([], 3) == []
 
 
 @pytest.mark.slow

@@ -63,6 +63,18 @@ def test_labels_come_from_the_data_ints_or_names_and_align_to_first_pieces(tmp_p
     assert class_weights(split_head("balanced"), [((), [0, 0, 0, 1])], 3) == [4 / 9, 4 / 3, 0.0]
 
 
+def test_text_pairs_keep_their_segment_ids_through_padding(tmp_path):
+    from raystages.models import train_wordpiece_tokenizer
+
+    tok = train_wordpiece_tokenizer(["a b c d e f"] * 10, 50, tmp_path / "wp")
+    pair, single = encode(tok, [(("a b", "c d e"), 1), (("f", None), 0)], "classification", 32)
+    # [CLS] a b [SEP] c d e [SEP]: BERT's segment ids, as tokenizer(a, b) gives them.
+    assert pair["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1, 1] and "token_type_ids" not in single
+    arrays = pad_labelled([pair, {**single, "token_type_ids": [0, 0, 0]}], tok.pad_token_id)
+    assert arrays["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 1], [0] * 8]
+    assert "token_type_ids" not in pad_labelled([single], tok.pad_token_id)
+
+
 def split_head(weights):
     from raystages.spec import HeadSpec
 

@@ -207,13 +207,17 @@ def class_weights(head, train: list, num_labels: int) -> list[float] | None:
 def encode(tokenizer, split_rows: list, task: str, max_len: int) -> list[dict]:
     """``{"input_ids", "labels"}`` per row, cut to ``max_len`` tokens: one label per row
     (classification) or a label on each word's first piece, ``IGNORE`` elsewhere (tagging;
-    words cut off by the limit lose their labels)."""
+    words cut off by the limit lose their labels). A text pair also keeps the tokenizer's
+    ``token_type_ids`` (BERT's segment ids: 1 on the second text), so the export reads a pair
+    the way ``model(**tokenizer(a, b))`` feeds it."""
     out = []
     for inputs, label in split_rows:
         if task == "classification":
             text, pair = inputs
             enc = tokenizer(text, pair, truncation=True, max_length=max_len)
             out.append({"input_ids": enc["input_ids"], "labels": label})
+            if pair is not None and "token_type_ids" in enc:
+                out[-1]["token_type_ids"] = enc["token_type_ids"]
         else:
             enc = tokenizer(inputs[0], is_split_into_words=True, truncation=True, max_length=max_len)
             out.append({"input_ids": enc["input_ids"], "labels": first_piece_labels(enc.word_ids(), label)})
@@ -222,13 +226,15 @@ def encode(tokenizer, split_rows: list, task: str, max_len: int) -> list[dict]:
 
 def pad_labelled(examples: list[dict], pad_id: int) -> dict[str, np.ndarray]:
     """Right-padded ``input_ids``, ``attention_mask`` ``(N, L)`` and ``labels``: ``(N,)``
-    for classification, ``(N, L)`` padded with ``IGNORE`` for tagging."""
+    for classification, ``(N, L)`` padded with ``IGNORE`` for tagging; and ``token_type_ids``
+    ``(N, L)`` (padded with 0) when the examples carry them."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = np.full((len(examples), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(examples), width), dtype=np.int64)
     per_token = isinstance(examples[0]["labels"], list)
     labels = (np.full((len(examples), width), IGNORE, dtype=np.int64) if per_token
               else np.zeros(len(examples), dtype=np.int64))
+    segments = np.zeros((len(examples), width), dtype=np.int64) if "token_type_ids" in examples[0] else None
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n], mask[i, :n] = e["input_ids"], 1
@@ -236,4 +242,7 @@ def pad_labelled(examples: list[dict], pad_id: int) -> dict[str, np.ndarray]:
             labels[i, :n] = e["labels"]
         else:
             labels[i] = e["labels"]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if segments is not None:
+            segments[i, :n] = e["token_type_ids"]
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return out if segments is None else {**out, "token_type_ids": segments}

@@ -143,18 +143,41 @@ class ScoreRequest(_Strict):
 Texts = str | Annotated[list[str], Field(min_length=1, max_length=512)]
 
 
-class ClassifyRequest(_Strict):
-    """``POST /v1/classify``: label each text with a classification head, or find its
-    entities with a token-classification head."""
-
-    model: str | None = Field(None, description="Task-head model id; default: the only one served.")
+class _TextInputs(_Strict):
     input: Texts = Field(..., description="A text or a list of texts.")
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
-class FillMaskRequest(ClassifyRequest):
+class ClassifyRequest(_TextInputs):
+    """``POST /v1/classify``: label each text (or text pair) with a classification head, or
+    find its entities with a token-classification head."""
+
+    model: str | None = Field(None, description="Task-head model id; default: the only one served.")
+    text_pair: Texts | None = Field(
+        None, description="Sequence classification of text pairs: the second text of each input (a text for a "
+                          "text, a list as long as `input` for a list), encoded as in training: [CLS] a [SEP] b [SEP].")
+
+    @field_validator("text_pair")
+    @classmethod
+    def _one_per_input(cls, pair, info):
+        given = info.data.get("input")
+        if pair is None or given is None:  # no pairs, or `input` itself is invalid (reported as such)
+            return pair
+        n = 1 if isinstance(given, str) else len(given)
+        if isinstance(pair, str) != isinstance(given, str) or (isinstance(pair, list) and len(pair) != n):
+            raise PydanticCustomError("text_pair", "needs one second text per input ({n}), of the same shape as "
+                                      "'input'", {"n": n})
+        return pair
+
+    def pairs(self) -> list[str] | None:
+        if self.text_pair is None:
+            return None
+        return [self.text_pair] if isinstance(self.text_pair, str) else list(self.text_pair)
+
+
+class FillMaskRequest(_TextInputs):
     """``POST /v1/fill-mask``: the likeliest tokens for each mask token of each text."""
 
     model: str | None = Field(None, description="Masked-LM model id; default: the only one served.")

@@ -228,7 +228,7 @@ class StagesRoutes:
 
     async def _task_head(self, request: Request, kind: str, call: str, body, *args) -> dict:
         name = request.state.model = self._resolve_model(body.model, kind)
-        reject_invalid_text({"input": body.input})
+        reject_invalid_text({"input": body.input, "text_pair": getattr(body, "text_pair", None)})
         out = await getattr(self._scorers[name], call).remote(body.texts(), *args)
         if "error" in out:
             raise ApiError(400, out["error"], out.get("param"), out.get("code"))
@@ -237,9 +237,9 @@ class StagesRoutes:
                 "usage": {"prompt_tokens": out["tokens"], "total_tokens": out["tokens"]}, "results": out["results"]}
 
     async def classify(self, body: ClassifyRequest, request: Request):
-        """Labels with probabilities (classification) or entities with character offsets
-        (token classification), one item per input text."""
-        out = await self._task_head(request, "classify", "classify", body)
+        """Labels with probabilities (classification, of texts or text pairs) or entities with
+        character offsets (token classification), one item per input text."""
+        out = await self._task_head(request, "classify", "classify", body, body.pairs())
         out["data"] = [{"object": "classification", "index": i, **r} for i, r in enumerate(out.pop("results"))]
         return JSONResponse(out)
 

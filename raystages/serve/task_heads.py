@@ -75,23 +75,26 @@ class TaskHeadServer:
         self._forward.set_max_batch_size(max_batch_size)
         self._forward.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
-    def _encode(self, texts: list[str]) -> list[dict] | dict:
-        encs = [self.tok(t, return_offsets_mapping=True) for t in texts]
+    def _encode(self, texts: list[str], pairs: list[str] | None = None) -> list[dict] | dict:
+        encs = [self.tok(t, p, return_offsets_mapping=True) for t, p in zip(texts, pairs or [None] * len(texts))]
         for i, e in enumerate(encs):
             if len(e["input_ids"]) > self.max_len:
                 return {"error": f"input[{i}]: {len(e['input_ids'])} tokens, over the model's context of "
                                  f"{self.max_len}", "param": "input", "code": "context_length_exceeded"}
         return encs
 
-    async def classify(self, texts: list[str]) -> dict:
-        """``{"results": [...], "tokens": n}``: per text ``{"label", "score", "scores"}``
-        (classification) or ``{"entities": [...]}`` (token classification); or an error."""
+    async def classify(self, texts: list[str], pairs: list[str] | None = None) -> dict:
+        """``{"results": [...], "tokens": n}``: per text (or text pair) ``{"label", "score",
+        "scores"}`` (classification) or ``{"entities": [...]}`` (token classification); or an error."""
         if self.task == "fill_mask":
             return {"error": "this model has no classification head", "param": "model", "code": "model_not_supported"}
-        encs = self._encode(texts)
+        if pairs is not None and self.task != "classification":
+            return {"error": "text pairs need a sequence-classification head; this model labels tokens",
+                    "param": "text_pair", "code": "invalid_value"}
+        encs = self._encode(texts, pairs)
         if isinstance(encs, dict):
             return encs
-        probs = await asyncio.gather(*(self._forward(e["input_ids"]) for e in encs))
+        probs = await asyncio.gather(*(self._forward(self._inputs(e, pairs)) for e in encs))
         results = []
         for text, enc, p in zip(texts, encs, probs):
             score, best = p.max(-1)  # (T,) each position's likeliest label and its probability
@@ -116,7 +119,7 @@ class TaskHeadServer:
         encs = self._encode(texts)
         if isinstance(encs, dict):
             return encs
-        probs = await asyncio.gather(*(self._forward(e["input_ids"]) for e in encs))
+        probs = await asyncio.gather(*(self._forward(self._inputs(e)) for e in encs))
         results = []
         for enc, p in zip(encs, probs):
             ids = enc["input_ids"]
@@ -129,26 +132,37 @@ class TaskHeadServer:
             results.append(per_mask)
         return {"results": results, "tokens": sum(len(e["input_ids"]) for e in encs)}
 
+    @staticmethod
+    def _inputs(enc, pairs: list[str] | None = None) -> tuple[list[int], list[int]]:
+        """``(input_ids, token_type_ids)`` as training fed them: segment ids for text pairs
+        (1 on the second text), all 0 otherwise."""
+        ids = enc["input_ids"]
+        return ids, enc["token_type_ids"] if pairs is not None and "token_type_ids" in enc else [0] * len(ids)
+
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def _forward(self, batch: list[list[int]]) -> list:
-        """Right-padded forward: per sequence, its positions' label (or vocabulary)
-        probabilities, a ``(T, C)`` tensor; a sequence classifier's is ``(1, C)``. Each
-        route reads off only what it answers with (a masked LM's vocabulary stays a tensor)."""
+    async def _forward(self, batch: list[tuple[list[int], list[int]]]) -> list:
+        """Right-padded forward of ``(input_ids, token_type_ids)`` pairs: per sequence, its
+        positions' label (or vocabulary) probabilities, a ``(T, C)`` tensor; a sequence
+        classifier's is ``(1, C)``. Each route reads off only what it answers with (a masked
+        LM's vocabulary stays a tensor)."""
         import torch
 
         from raystages.models import padded
 
-        ids, mask = padded(batch, self.tok.pad_token_id)
+        ids, mask = padded([i for i, _ in batch], self.tok.pad_token_id)
+        segments = {}
+        if any(any(t) for _, t in batch):  # models without segment embeddings never see the argument
+            segments["token_type_ids"] = padded([t for _, t in batch], 0)[0].to(self.device)
         with torch.no_grad():
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **segments).logits
         probs = logits.float().softmax(-1).cpu()
         if probs.dim() == 2:  # (B, C): one row per sequence
             return list(probs[:, None, :])
-        return [probs[i, : len(s)] for i, s in enumerate(batch)]
+        return [probs[i, : len(s)] for i, (s, _) in enumerate(batch)]
 
     async def probe(self) -> bool:
         """Readiness: one forward of a one-word text."""
-        await self._forward(self.tok("a")["input_ids"])
+        await self._forward(self._inputs(self.tok("a")))
         return True
 
     def check_health(self):

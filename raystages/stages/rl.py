@@ -79,13 +79,17 @@ def preflight(spec, produced: frozenset[str]) -> list[str]:
 
 def _before_after(before: dict, after: dict) -> dict:
     """``reward_before``/``reward_after`` (greedy; the oracle when the prompts are task
-    prompts, else the summed text reward) and their sampled counterparts."""
+    prompts, else the summed text reward), ``accuracy_before``/``accuracy_after`` (greedy
+    exact match, by the oracle) and their sampled counterparts."""
     out = {}
     for prefix in ("", "sampled_"):
         keys = [f"{prefix}reward_oracle"] + sorted(k for k in before if k.startswith(f"{prefix}reward_"))
         key = next((k for k in keys if k in before), None)
         if key:
             out[f"{prefix}reward_before"], out[f"{prefix}reward_after"] = before[key], after.get(key)
+        if f"{prefix}accuracy" in before:
+            out[f"{prefix}accuracy_before"], out[f"{prefix}accuracy_after"] = (before[f"{prefix}accuracy"],
+                                                                             after.get(f"{prefix}accuracy"))
     return out
 
 

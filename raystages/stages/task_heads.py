@@ -54,8 +54,9 @@ def head_logits(model, batch: dict):
     """``(logits, labels)`` of a padded batch, cut to its longest row."""
     width = int(batch["attention_mask"].sum(1).max())
     labels = batch["labels"][:, :width] if batch["labels"].dim() == 2 else batch["labels"]
+    segments = {"token_type_ids": batch["token_type_ids"][:, :width]} if "token_type_ids" in batch else {}
     logits = model(input_ids=batch["input_ids"][:, :width],
-                   attention_mask=batch["attention_mask"][:, :width]).logits
+                   attention_mask=batch["attention_mask"][:, :width], **segments).logits
     return logits, labels
 
 
