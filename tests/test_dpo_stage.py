@@ -231,3 +231,13 @@ def test_every_loss_through_the_stage_on_a_real_model(overrides, random_checkpoi
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in policy.parameters() if p.requires_grad)
     assert set(stage.train_metrics()) == {"reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy",
                                           "logp_chosen", "logp_rejected"}
+
+
+def test_bench_dpo_spec_parses_with_its_options(tmp_path, random_checkpoint):
+    """CI never runs ``raystages bench dpo``; its spec must still track the dpo spec."""
+    from raystages.bench.dpo import DEFAULTS, dpo_spec
+
+    spec = dpo_spec(str(random_checkpoint), tmp_path / "pairs.jsonl", tmp_path, DEFAULTS)
+    # One optimizer step is the bench's batch of pairs, as TRL's micro-batch x accumulation is.
+    per_step = spec.optim.micro_batch_size * spec.scaling.num_workers * spec.optim.grad_accum
+    assert per_step == DEFAULTS["batch"] and spec.dpo.loss == "sigmoid" and not spec.dpo.precompute_ref

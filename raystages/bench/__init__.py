@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHES = ("pretrain", "data", "sft", "rm", "rl", "memory", "serve", "tasks")
+BENCHES = ("pretrain", "data", "sft", "rm", "dpo", "rl", "memory", "serve", "tasks")
 
 
 def run_bench(what: str, overrides: list[str]) -> dict:

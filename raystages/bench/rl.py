@@ -119,12 +119,13 @@ def bench_ppo(policy: Path, rm: Path, work: Path, o: dict) -> dict:
                     "sync_over_memcpy": sync / memcpy}
 
 
-def _trl_python(venv: Path) -> tuple[Path | None, str]:
-    """The TRL virtualenv's python (created on first use), or None and why not."""
+def trl_python(venv: Path, pin: str, module: str) -> tuple[Path | None, str]:
+    """The python of a virtualenv holding TRL at ``pin`` (created on first use) that can
+    import ``module``, or None and why not."""
     import site
 
     py = venv / "bin" / "python"
-    if py.is_file() and subprocess.run([str(py), "-c", "import trl.experimental.ppo"], capture_output=True).returncode == 0:
+    if py.is_file() and subprocess.run([str(py), "-c", f"import {module}"], capture_output=True).returncode == 0:
         return py, ""
     try:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
@@ -133,16 +134,18 @@ def _trl_python(venv: Path) -> tuple[Path | None, str]:
         lib = next((venv / "lib").glob("python*/site-packages"))
         (lib / "_raystages_stack.pth").write_text(
             "".join(f"import site; site.addsitedir({d!r})\n" for d in site.getsitepackages()))
-        r = subprocess.run([str(py), "-m", "pip", "install", "-q", TRL_PIN], capture_output=True, text=True, timeout=900)
+        r = subprocess.run([str(py), "-m", "pip", "install", "-q", pin], capture_output=True, text=True, timeout=900)
         if r.returncode:
-            return None, f"pip install {TRL_PIN} failed: {r.stderr.strip()[-300:]}"
+            return None, f"pip install {pin} failed: {r.stderr.strip()[-300:]}"
+        if subprocess.run([str(py), "-c", f"import {module}"], capture_output=True).returncode:
+            return None, f"{pin} has no {module}"
         return py, ""
     except (OSError, StopIteration, subprocess.SubprocessError) as e:
         return None, f"could not create the TRL virtualenv: {e}"
 
 
 def bench_trl(policy: Path, rm: Path, work: Path, o: dict) -> dict:
-    py, why = _trl_python(Path(os.path.expanduser(o["trl_venv"])))
+    py, why = trl_python(Path(os.path.expanduser(o["trl_venv"])), TRL_PIN, "trl.experimental.ppo")
     if py is None:
         print(f"bench rl: skipping the TRL comparison: {why}", file=sys.stderr)
         return {"trl_skipped": why}
