@@ -275,6 +275,31 @@ def without_adapters(model):
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
+def merged_weights_plan(model) -> list[tuple[str, Any, Any]]:
+    """``(name, parameter, LoRA layer or None)`` for each parameter of the plain model that
+    merging ``model``'s adapters would give, under that model's names (what vLLM and an
+    export load: ``...q_proj.weight``, not ``...q_proj.base_layer.weight``); the adapter
+    weights themselves are not listed. A model without adapters: its own named parameters,
+    each with None. :func:`merged_weight` reads one, so a caller can go bucket by bucket
+    instead of merging the whole model at once."""
+    if not hasattr(model, "get_base_model"):
+        return [(n, p, None) for n, p in model.named_parameters()]
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    adapted = {f"{n}.base_layer.weight": m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+    return [(n.replace(".base_layer.", "."), p, adapted.get(n)) for n, p in base.named_parameters() if ".lora_" not in n]
+
+
+def merged_weight(param, layer):
+    """``param`` detached, plus the delta of ``layer``'s active adapters when it has one (the
+    weight ``merge_and_unload`` would leave), without touching the model."""
+    weight = param.detach()
+    if layer is None:
+        return weight
+    return weight + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+
+
 def export_hf(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[str, Any] | None = None):
     """Save model (safetensors) + tokenizer + generation config to ``out_dir`` atomically:
     written beside it and renamed into place, so a crash never leaves a half export."""

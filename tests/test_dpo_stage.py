@@ -9,7 +9,7 @@ import pytest
 
 from raystages import cli
 from raystages.spec import load_spec
-from tests.conftest import ROOT, TASK
+from tests.conftest import ROOT, TASK, shared_data
 
 BAD_DPO_SPECS = [
     (["dpo.beta=0"], "dpo.beta"),
@@ -241,3 +241,38 @@ def test_bench_dpo_spec_parses_with_its_options(tmp_path, random_checkpoint):
     # One optimizer step is the bench's batch of pairs, as TRL's micro-batch x accumulation is.
     per_step = spec.optim.micro_batch_size * spec.scaling.num_workers * spec.optim.grad_accum
     assert per_step == DEFAULTS["batch"] and spec.dpo.loss == "sigmoid" and not spec.dpo.precompute_ref
+
+
+@pytest.mark.slow
+def test_dpo_smoke_on_real_hh_rlhf_pairs(ray_session, tmp_path):
+    """Anthropic's HH harmless pairs (HH text, multi-turn) from a small fresh checkpoint: a
+    nano Llama with a BPE trained on the pairs' text (both sides alike, no labels). The
+    held-out loss falls below log 2 and held-out reward accuracy rises above chance."""
+    import gzip
+    import math
+
+    from raystages.models import build_causal_lm, export_hf, train_tokenizer
+    from raystages.spec import ModelSpec, parse_spec
+    from raystages.stages import dpo
+
+    source = shared_data("hh_rlhf", "harmless-base-test.jsonl.gz")
+    rows = [json.loads(line) for line in gzip.open(source, "rt") if line.strip()]
+    tok = train_tokenizer([r[side] for r in rows for side in ("chosen", "rejected")], 2000, tmp_path / "tok")
+    export_hf(build_causal_lm(ModelSpec(preset="nano"), tok, seed=0), tok, tmp_path / "model")
+    spec = parse_spec({
+        "stage": "dpo", "model": {"path": str(tmp_path / "model")},
+        "data": {"source": str(source), "on_bad_row": "skip", "val_fraction": 0.15},
+        "dpo": {"loss": "sigmoid", "beta": 0.1, "eval_prompts": 0},
+        "optim": {"lr": 1e-3, "schedule": "constant", "warmup_steps": 10, "max_steps": 100, "micro_batch_size": 8,
+                  "seq_len": 256},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}, "logging": {"tensorboard": False, "log_every": 25},
+        "run": {"name": "hh", "storage_path": str(tmp_path / "runs"), "checkpoint_every": 1000, "eval_every": 50,
+                "eval_batches": 100}})
+    m = dpo.run(spec).metrics
+    print(f"HH DPO held-out loss {m['val_loss']:.3f}, reward accuracy {m['val_reward_accuracy']:.3f} "
+          f"on {m['val_pairs']} pairs ({m['skipped_rows']} too long for 256 tokens, skipped)")
+    # 238 held-out pairs (725 of the 2,312 rows exceed 256 tokens and are skipped): chance is
+    # 0.5 with a standard error of 0.032, and a flipped sign ranks them below it. Measured at
+    # these seeds: loss 0.650, accuracy 0.630 after 100 steps (0.645 and 0.630 after 150).
+    assert m["val_pairs"] >= 200 and m["val_reward_accuracy"] >= 0.57, m
+    assert m["val_loss"] < math.log(2) - 0.02, m

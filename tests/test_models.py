@@ -70,3 +70,29 @@ def test_padded_right_and_left():
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     ids, mask = padded([[5, 6, 7], [8]], pad_id=0, left=True)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_merged_weights_plan_reads_what_merge_and_unload_would_write(builtin_tokenizer_dir):
+    """The RL sync's view of a LoRA policy: the plain model's names, each adapted weight with
+    its delta added, the adapters themselves absent; the peft model is left as it was."""
+    import copy
+
+    from raystages.models import load_tokenizer, merged_weight, merged_weights_plan, with_lora
+    from raystages.spec import LoraSpec
+
+    plain = build_causal_lm(ModelSpec(preset="nano"), load_tokenizer(str(builtin_tokenizer_dir)), seed=0)
+    peft_model = with_lora(copy.deepcopy(plain), LoraSpec(enabled=True), "CAUSAL_LM")
+    torch.manual_seed(0)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at 0: give the adapters a delta to merge
+            torch.nn.init.normal_(p)
+    before = {n: p.clone() for n, p in peft_model.named_parameters()}
+    plan = merged_weights_plan(peft_model)
+    assert [n for n, _, _ in plan] == [n for n, _ in plain.named_parameters()]
+    assert sum(layer is not None for _, _, layer in plan) == 4 * plain.config.num_hidden_layers  # q, k, v, o
+    merged = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    for name, param, layer in plan:
+        assert torch.equal(merged_weight(param, layer), merged[name]), name
+    assert all(torch.equal(before[n], p) for n, p in peft_model.named_parameters())
+    # Without adapters: the model's own parameters, untouched.
+    assert [(n, layer) for n, _, layer in merged_weights_plan(plain)] == [(n, None) for n, _ in plain.named_parameters()]

@@ -280,6 +280,42 @@ def test_zero3_learner_shards_reference_and_reward_model_and_syncs_in_buckets(ra
     assert (result.export_dir / "config.json").is_file()
 
 
+@pytest.mark.slow
+def test_grpo_with_lora_syncs_merged_weights_and_exports_a_merged_policy(ray_session, runs_dir, sft_policy, tmp_path):
+    """LoRA on the policy: no second model for the reference (the policy with its adapters
+    off), only the adapters train, the vLLM actor receives merged weights after every update
+    (its log-probs still match the learner's), and the export is a plain checkpoint in which
+    only the adapted projections moved."""
+    from safetensors.torch import load_file
+
+    from raystages.stages import rl
+
+    spec = _spec("grpo.yaml", runs_dir, "lora-test", sft_policy, "lora.enabled=true", "optim.lr=3e-3",
+                 "algo.iterations=4", "algo.prompts_per_iteration=8", "algo.group_size=4", "algo.mini_batch_size=16",
+                 "optim.micro_batch_size=8", "rollout.eval_prompts=8", "run.checkpoint_every=1000")
+    held = tmp_path / "held.json"
+
+    def record(ctx, iteration):
+        if iteration == 1:
+            params = list(ctx.learner.policy.module.parameters())
+            held.write_text(json.dumps({"ref_model": ctx.learner.ref is not None,
+                                        "trainable": sum(p.numel() for p in params if p.requires_grad),
+                                        "total": sum(p.numel() for p in params)}))
+
+    result = rl.run(spec, hooks={"before_submit": record})
+    seen = json.loads(held.read_text())
+    assert not seen["ref_model"] and 0 < seen["trainable"] < 0.1 * seen["total"], seen
+    rows = _metrics(result.run_dir)
+    # Iteration 1 is on the parent's weights (LoRA's B starts at 0), then the policy moves.
+    assert rows[0]["kl_ref"] < 1e-6 and rows[-1]["kl_ref"] > 0
+    assert max(r["logprob_gap_mean"] for r in rows) < 1e-4  # the merged weights are the learner's
+    parent, export = load_file(sft_policy / "model.safetensors"), load_file(result.export_dir / "model.safetensors")
+    assert set(export) == set(parent) and all(r["sync_bytes"] == sum(4 * t.numel() for t in parent.values())
+                                              for r in rows)
+    moved = {name for name in parent if not torch.equal(parent[name], export[name])}
+    assert moved and all(n.split(".")[-2] in spec.lora.target_modules for n in moved), moved
+
+
 def _raw(**sections) -> dict:
     raw = {"stage": "rl", "model": {"path": "runs/sft/model"}}
     raw.update(sections)
@@ -297,6 +333,7 @@ def _raw(**sections) -> dict:
     ({"algo": {"name": "ppo"}, "critic": {"init": "reward_model"}}, "needs a reward source of kind 'model'"),
     ({"algo": {"clip_eps": 1.5}}, "algo.clip_eps"),
     ({"algo": {"bogus": 1}}, "algo.bogus"),
+    ({"lora": {"enabled": True}, "deepspeed": {"zero_stage": 3}}, "lora.enabled with deepspeed.zero_stage 3"),
 ])
 def test_bad_spec_combinations_fail_at_parse_time(sections, message):
     from raystages.spec import parse_spec

@@ -29,6 +29,7 @@ batch per iteration.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -56,12 +57,13 @@ class Learner:
 
     ``rank``/``world`` are the Ray Train world rank and size; ``pids`` every rank's process
     id (for diagnostics and fault-injection tests). :mod:`raystages.rl.update` reads
-    ``spec``, ``rank``, ``world``, ``device``, ``policy``, ``ref``, ``critic`` and ``rm``.
+    ``spec``, ``rank``, ``world``, ``device``, ``policy``, ``reference()``, ``critic`` and ``rm``.
     """
 
     def __init__(self, spec, rank: int, world: int, device: torch.device):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+        from raystages.models import with_lora
         from raystages.rl.rewards import RewardModelScorer, head_of
 
         self.spec, self.rank, self.world, self.device = spec, rank, world, device
@@ -78,10 +80,12 @@ class Learner:
             return spec.optim.model_copy(update={"lr": lr, "grad_accum": self.grad_accum, "max_steps": steps})
 
         load = dict(use_safetensors=True, dtype=torch.float32, trust_remote_code=spec.model.trust_remote_code)
-        policy = AutoModelForCausalLM.from_pretrained(spec.model.path, **load)
+        policy = with_lora(AutoModelForCausalLM.from_pretrained(spec.model.path, **load), spec.lora, "CAUSAL_LM")
         self.policy = engine.trainable(policy, spec, optim(spec.optim.lr))
-        # Read every step, never trained: placed like the policy (sharded under ZeRO-3).
-        self.ref = engine.frozen(AutoModelForCausalLM.from_pretrained(spec.model.path, **load), spec, device)
+        # Read every step, never trained: placed like the policy (sharded under ZeRO-3). With
+        # LoRA the reference is the policy's own frozen body, its adapters switched off.
+        self.ref = None if spec.lora.enabled else engine.frozen(
+            AutoModelForCausalLM.from_pretrained(spec.model.path, **load), spec, device)
         self.critic = None
         model_src = [s for s in spec.reward.sources if s.kind == "model"]
         if a.name == "ppo":
@@ -146,6 +150,16 @@ class Learner:
         """PPO epochs over seeded mini-batches; token-weighted means over all ranks."""
         return ppo_update(self, batch, kl_coef, iteration)
 
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen reference policy: its own model, or (LoRA) the policy with its
+        adapters switched off for the duration."""
+        if self.ref is not None:
+            yield self.ref
+        else:
+            with self.policy.module.disable_adapter():
+                yield self.policy
+
     def score_texts(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Reward-model scores ``(B,)`` of re-tokenised text (``reward.retokenize``)."""
         return self.rm.score_texts(prompts, responses)
@@ -157,15 +171,25 @@ class Learner:
         rank. Collective: every rank enters it."""
         return engine.gathered(self.policy.module if params is None else params, self.spec.deepspeed.zero_stage)
 
-    def weight_buckets(self) -> list[list[tuple[str, torch.nn.Parameter]]]:
-        """The policy's named parameters in sync buckets of about ``rollout.sync_bucket_mb``
-        (sized by full shapes: ZeRO-3 keeps them in ``ds_shape``); the same on every rank."""
+    def weight_buckets(self) -> list[list[tuple[str, torch.nn.Parameter, object]]]:
+        """The policy's weights as the rollout engine loads them, ``(name, parameter, LoRA
+        layer or None)`` (:func:`raystages.models.merged_weights_plan`; read one with
+        :meth:`weight`), in sync buckets of about ``rollout.sync_bucket_mb`` (sized by full
+        shapes: ZeRO-3 keeps them in ``ds_shape``); the same on every rank."""
+        from raystages.models import merged_weights_plan
         from raystages.rl.sync import buckets
 
-        named = list(self.policy.module.named_parameters())
-        sizes = [math.prod(getattr(p, "ds_shape", p.shape)) * p.element_size() for _, p in named]
+        named = merged_weights_plan(self.policy.module)
+        sizes = [math.prod(getattr(p, "ds_shape", p.shape)) * p.element_size() for _, p, _ in named]
         limit = int(self.spec.rollout.sync_bucket_mb * 2**20)
         return [[named[i] for i in group] for group in buckets(sizes, limit)]
+
+    @staticmethod
+    def weight(param: torch.nn.Parameter, layer) -> torch.Tensor:
+        """One weight as the rollout engine gets it: with LoRA, its adapters merged in."""
+        from raystages.models import merged_weight
+
+        return merged_weight(param, layer)
 
     def publish_weights(self) -> tuple[list | None, int, float]:
         """Collective. Bucket by bucket, every rank joins the gather and rank 0 puts the whole
@@ -181,9 +205,9 @@ class Learner:
         base = me.memory_full_info().uss if self.rank == 0 else 0
         refs, nbytes, extra = [], 0, 0
         for named in self.weight_buckets():
-            with self.gathered([p for _, p in named]):
+            with self.gathered([p for _, p, _ in named]):
                 if self.rank == 0:
-                    tensors = [(n, p.detach().to("cpu")) for n, p in named]
+                    tensors = [(n, self.weight(p, layer).to("cpu")) for n, p, layer in named]
                     nbytes += sum(t.numel() * t.element_size() for _, t in tensors)
                     refs.append(ray.put(tensors))
                     extra = max(extra, me.memory_full_info().uss - base)
@@ -198,18 +222,26 @@ class Learner:
         return max(self.all_gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
     def weight_meta(self) -> dict:
-        """Names, dtypes and full shapes of the policy's parameters (ZeRO-3 keeps ``ds_shape``)."""
-        named = list(self.policy.module.named_parameters())
-        return {"names": [n for n, _ in named], "dtype_names": [str(p.dtype).removeprefix("torch.") for _, p in named],
-                "shapes": [list(getattr(p, "ds_shape", p.shape)) for _, p in named]}
+        """Names, dtypes and full shapes of the weights the rollout engine loads (ZeRO-3 keeps
+        ``ds_shape``; a LoRA-merged weight has its base weight's)."""
+        from raystages.models import merged_weights_plan
+
+        named = merged_weights_plan(self.policy.module)
+        return {"names": [n for n, _, _ in named], "dtype_names": [str(p.dtype).removeprefix("torch.") for _, p, _ in named],
+                "shapes": [list(getattr(p, "ds_shape", p.shape)) for _, p, _ in named]}
 
     def export(self, out_dir: str, tokenizer) -> None:
-        """Rank 0 writes the policy as a Hugging Face checkpoint. Collective (ZeRO-3 gather)."""
-        from raystages.models import export_hf
+        """Rank 0 writes the policy as a Hugging Face checkpoint (LoRA merged into a copy; the
+        training model keeps its adapters). Collective (ZeRO-3 gather)."""
+        import copy
+
+        from raystages.models import export_hf, without_adapters
 
         with self.gathered():
             if self.rank == 0:
-                export_hf(self.policy.module, tokenizer, out_dir)
+                module = self.policy.module
+                export_hf(without_adapters(copy.deepcopy(module)) if self.spec.lora.enabled else module,
+                          tokenizer, out_dir)
 
     # -- checkpoints (every rank writes its own DeepSpeed shards) ---------------------------
 

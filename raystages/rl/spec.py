@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raystages.spec import DataSpec, ModelSpec, OptimSpec, Section, StageSpec, register
+from raystages.spec import DataSpec, LoraSpec, ModelSpec, OptimSpec, Section, StageSpec, register
 
 
 class AlgoSpec(Section):
@@ -111,6 +111,9 @@ class RlSpec(StageSpec):
     reward: RewardSpec = Field(default_factory=RewardSpec)
     critic: CriticSpec = Field(default_factory=CriticSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec, description=(
+        "LoRA adapters on the policy (the critic trains whole). The reference is the policy with its adapters "
+        "switched off, so no second copy is loaded; rollout actors receive merged weights; the export is merged."))
 
     @model_validator(mode="after")
     def _combinations(self):
@@ -131,6 +134,9 @@ class RlSpec(StageSpec):
                              f"scaling.num_workers * optim.micro_batch_size = {per_step}")
         if self.model.path is None:
             raise ValueError("model.path: RL starts from a policy checkpoint (e.g. runs/sft/model)")
+        if self.lora.enabled and self.deepspeed.zero_stage == 3:
+            raise ValueError("lora.enabled with deepspeed.zero_stage 3: RL merges the adapters into whole weights "
+                             "for every sync, which needs the policy unpartitioned; use ZeRO 0-2 with LoRA")
         if self.limits.max_mean_response_len and self.limits.max_mean_response_len > self.rollout.max_new_tokens:
             raise ValueError("limits.max_mean_response_len exceeds rollout.max_new_tokens: it could never trigger")
         models = [s for s in r.sources if s.kind == "model"]

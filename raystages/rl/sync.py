@@ -130,7 +130,7 @@ def _nccl_sync(learner, pool, version: int) -> int:
         receivers = [a.call_engine.remote("receive_nccl", meta, version) for a in pool.actors]
     nbytes = 0
     for named in learner.weight_buckets():
-        with learner.gathered([p for _, p in named]):
+        with learner.gathered([p for _, p, _ in named]):
             if learner.rank == 0:
                 nbytes += nccl_send(learner, None, named)
     ray.get(receivers)
@@ -138,15 +138,16 @@ def _nccl_sync(learner, pool, version: int) -> int:
 
 
 def nccl_send(learner, init: dict | None, named_params) -> int:
-    """On learner rank 0: join the group (first call, ``init`` given) or broadcast every tensor."""
+    """On learner rank 0: join the group (first call, ``init`` given) or broadcast every
+    weight of a bucket (``(name, parameter, LoRA layer or None)``, merged as it goes)."""
     if init is not None:
         from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
         learner._nccl = trainer_init(init)
         return 0
     nbytes = 0
-    for _, p in named_params:
-        t = p.detach().contiguous()
+    for _, p, layer in named_params:
+        t = learner.weight(p, layer).contiguous()
         learner._nccl.broadcast(t, src=0, stream=torch.cuda.current_stream())
         nbytes += t.numel() * t.element_size()
     torch.cuda.synchronize()

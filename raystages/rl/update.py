@@ -1,8 +1,8 @@
 """What a learner rank computes: the forward pass over a batch shard and the PPO update.
 
 Called by :class:`raystages.rl.learner.Learner` (``w``: reads ``spec``, ``rank``, ``world``,
-``device``, ``policy``, ``ref``, ``critic``, ``rm``), on every Ray Train worker. Shapes as in
-:mod:`raystages.rl.batch`: ``(B, L)`` ids/mask, ``(B, L - 1)`` per-token tensors.
+``device``, ``policy``, ``reference()``, ``critic``, ``rm``), on every Ray Train worker.
+Shapes as in :mod:`raystages.rl.batch`: ``(B, L)`` ids/mask, ``(B, L - 1)`` per-token tensors.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def forward_batch(w, batch: dict) -> dict:
         lp, logits = logprobs_of(w, w.policy, ids, attn)
         out["old_logprobs"].append(_pad_to(lp.cpu(), L - 1))
         out["entropy"].append(_pad_to(entropy_from_logits(logits).cpu(), L - 1))
-        out["ref_logprobs"].append(_pad_to(logprobs_of(w, w.ref, ids, attn)[0].cpu(), L - 1))
+        with w.reference() as ref:
+            out["ref_logprobs"].append(_pad_to(logprobs_of(w, ref, ids, attn)[0].cpu(), L - 1))
         if w.critic is not None:
             w.critic.eval()
             v = w.critic(ids.to(w.device), attn.to(w.device))[:, :-1]
