@@ -281,30 +281,33 @@ def test_zero3_learner_shards_reference_and_reward_model_and_syncs_in_buckets(ra
 
 
 @pytest.mark.slow
-def test_grpo_with_lora_syncs_merged_weights_and_exports_a_merged_policy(ray_session, runs_dir, sft_policy, tmp_path):
-    """LoRA on the policy: no second model for the reference (the policy with its adapters
-    off), only the adapters train, the vLLM actor receives merged weights after every update
-    (its log-probs still match the learner's), and the export is a plain checkpoint in which
-    only the adapted projections moved."""
+@pytest.mark.parametrize("job", ["grpo.yaml", "rl.yaml"])
+def test_lora_syncs_merged_weights_and_exports_a_merged_policy(job, ray_session, runs_dir, sft_policy, tmp_path):
+    """LoRA on the policy (and PPO's critic): no second model for the reference (the policy
+    with its adapters off), only the adapters train, the vLLM actor receives merged weights
+    after every update (its log-probs still match the learner's), and the export is a plain
+    checkpoint in which only the adapted projections moved."""
     from safetensors.torch import load_file
 
     from raystages.stages import rl
 
-    spec = _spec("grpo.yaml", runs_dir, "lora-test", sft_policy, "lora.enabled=true", "optim.lr=3e-3",
+    spec = _spec(job, runs_dir, f"lora-test-{job[:-5]}", sft_policy, "lora.enabled=true", "optim.lr=3e-3",
                  "algo.iterations=4", "algo.prompts_per_iteration=8", "algo.group_size=4", "algo.mini_batch_size=16",
                  "optim.micro_batch_size=8", "rollout.eval_prompts=8", "run.checkpoint_every=1000")
     held = tmp_path / "held.json"
 
     def record(ctx, iteration):
         if iteration == 1:
-            params = list(ctx.learner.policy.module.parameters())
-            held.write_text(json.dumps({"ref_model": ctx.learner.ref is not None,
-                                        "trainable": sum(p.numel() for p in params if p.requires_grad),
-                                        "total": sum(p.numel() for p in params)}))
+            trained = {name: [sum(p.numel() for p in e.module.parameters() if p.requires_grad),
+                              sum(p.numel() for p in e.module.parameters())]
+                       for name, e in (("policy", ctx.learner.policy), ("critic", ctx.learner.critic)) if e}
+            held.write_text(json.dumps({"ref_model": ctx.learner.ref is not None, "trained": trained}))
 
     result = rl.run(spec, hooks={"before_submit": record})
     seen = json.loads(held.read_text())
-    assert not seen["ref_model"] and 0 < seen["trainable"] < 0.1 * seen["total"], seen
+    assert not seen["ref_model"] and list(seen["trained"]) == (["policy", "critic"] if spec.algo.name == "ppo"
+                                                               else ["policy"])
+    assert all(0 < trainable < 0.1 * total for trainable, total in seen["trained"].values()), seen
     rows = _metrics(result.run_dir)
     # Iteration 1 is on the parent's weights (LoRA's B starts at 0), then the policy moves.
     assert rows[0]["kl_ref"] < 1e-6 and rows[-1]["kl_ref"] > 0

@@ -95,6 +95,10 @@ class Learner:
             seq.config.pad_token_id = seq.config.pad_token_id or 0
             if spec.critic.init == "policy":
                 torch.nn.init.zeros_(head_of(seq).weight)  # values start at 0, not noise
+            if spec.lora.enabled:
+                # Adapters injected in place (the value head trains whole): the critic reads
+                # the model through its usual backbone and head, now with adapters.
+                seq = with_lora(seq, spec.lora, "SEQ_CLS").get_base_model()
             self.critic = engine.trainable(ValueModel(seq), spec, optim(spec.critic.lr or spec.optim.lr))
         self.rm = None
         if model_src and not spec.reward.retokenize:

@@ -112,8 +112,9 @@ class RlSpec(StageSpec):
     critic: CriticSpec = Field(default_factory=CriticSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec, description=(
-        "LoRA adapters on the policy (the critic trains whole). The reference is the policy with its adapters "
-        "switched off, so no second copy is loaded; rollout actors receive merged weights; the export is merged."))
+        "LoRA adapters on the policy and (PPO) the critic, whose value head trains whole. The reference is the "
+        "policy with its adapters switched off, so no second copy is loaded; rollout actors receive merged weights; "
+        "the export is merged."))
 
     @model_validator(mode="after")
     def _combinations(self):
