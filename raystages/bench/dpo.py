@@ -19,14 +19,11 @@ first ``WARMUP_STEPS``. Target from the issue: ``dpo_over_trl <= 1.0``.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from raystages.bench.rl import trl_python
+from raystages.bench.rl import run_in_trl_venv
 from raystages.bench.sft import WARMUP_STEPS, fresh_checkpoint, steady_throughput
 from raystages.spec import parse_options
 
@@ -59,21 +56,13 @@ def ours(policy: str, pairs: Path, work: Path, o: dict) -> dict:
 
 
 def trl(policy: str, pairs: Path, work: Path, o: dict) -> dict:
-    py, why = trl_python(Path(os.path.expanduser(o["trl_venv"])), TRL_PIN, "trl.trainer.dpo_trainer")
-    if py is None:
-        print(f"bench dpo: skipping the TRL comparison: {why}", file=sys.stderr)
-        return {"trl_skipped": why}
-    out = work / "trl.json"
-    args = [str(py), "-m", "raystages.bench.trl_dpo_baseline", policy, str(pairs), str(o["batch"]),
-            str(o["micro_batch_size"]), str(o["seq_len"]), str(o["beta"]), str(o["steps"]), str(out)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(o["trl_threads"])}
-    r = subprocess.run(args, capture_output=True, text=True, env=env)
-    if r.returncode:
-        why = f"TRL DPOTrainer failed: {r.stderr.strip()[-500:]}"
-        print(f"bench dpo: skipping the TRL comparison: {why}", file=sys.stderr)
-        return {"trl_skipped": why}
-    times = json.loads(out.read_text())["step_s"][WARMUP_STEPS:]
-    return {"trl_dpo_step_s": statistics.fmean(times), "trl_threads": o["trl_threads"]}
+    out = run_in_trl_venv("dpo", o, TRL_PIN, "trl.trainer.dpo_trainer", "raystages.bench.trl_dpo_baseline", [
+        policy, str(pairs), str(o["batch"]), str(o["micro_batch_size"]), str(o["seq_len"]), str(o["beta"]),
+        str(o["steps"]), str(work / "trl.json")])
+    if "trl_skipped" in out:
+        return out
+    return {"trl_dpo_step_s": statistics.fmean(out["step_s"][WARMUP_STEPS:]), "trl_threads": o["trl_threads"],
+            "trl_version": out["trl_version"]}
 
 
 def run(overrides: list[str] | None = None) -> dict:

@@ -144,23 +144,31 @@ def trl_python(venv: Path, pin: str, module: str) -> tuple[Path | None, str]:
         return None, f"could not create the TRL virtualenv: {e}"
 
 
+def run_in_trl_venv(bench: str, o: dict, pin: str, needs: str, module: str, args: list[str]) -> dict:
+    """``python -m module *args`` in the TRL virtualenv ``o["trl_venv"]`` (created on first
+    use, with ``pin``, able to import ``needs``) and ``o["trl_threads"]`` torch threads; the
+    JSON it wrote to its last argument, or ``{"trl_skipped": why}`` (also printed) when TRL
+    cannot be installed or the run fails."""
+    py, why = trl_python(Path(os.path.expanduser(o["trl_venv"])), pin, needs)
+    if py is not None:
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(o["trl_threads"])}
+        r = subprocess.run([str(py), "-m", module, *args], capture_output=True, text=True, env=env)
+        if not r.returncode:
+            return json.loads(Path(args[-1]).read_text())
+        why = f"{module} failed: {r.stderr.strip()[-500:]}"
+    print(f"bench {bench}: skipping the TRL comparison: {why}", file=sys.stderr)
+    return {"trl_skipped": why}
+
+
 def bench_trl(policy: Path, rm: Path, work: Path, o: dict) -> dict:
-    py, why = trl_python(Path(os.path.expanduser(o["trl_venv"])), TRL_PIN, "trl.experimental.ppo")
-    if py is None:
-        print(f"bench rl: skipping the TRL comparison: {why}", file=sys.stderr)
-        return {"trl_skipped": why}
-    out = work / "trl.json"
-    args = [str(py), "-m", "raystages.rl.trl_baseline", str(policy), str(rm), str(o["batch"]),
-            str(o["micro_batch_size"]), str(o["max_new_tokens"]), str(o["ppo_epochs"]), str(o["iterations"]), str(out)]
     # One torch thread by default, like each of our learner ranks: on a shared 2-core machine
     # two OpenMP threads spin-wait on each other and ran 10-40x slower here.
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(o["trl_threads"])}
-    r = subprocess.run(args, capture_output=True, text=True, env=env)
-    if r.returncode:
-        why = f"TRL PPOTrainer failed: {r.stderr.strip()[-500:]}"
-        print(f"bench rl: skipping the TRL comparison: {why}", file=sys.stderr)
-        return {"trl_skipped": why}
-    times = json.loads(out.read_text())["iteration_s"]
+    out = run_in_trl_venv("rl", o, TRL_PIN, "trl.experimental.ppo", "raystages.rl.trl_baseline", [
+        str(policy), str(rm), str(o["batch"]), str(o["micro_batch_size"]), str(o["max_new_tokens"]),
+        str(o["ppo_epochs"]), str(o["iterations"]), str(work / "trl.json")])
+    if "trl_skipped" in out:
+        return out
+    times = out["iteration_s"]
     return {"trl_ppo_iteration_s": statistics.median(times[1:] or times), "trl_threads": o["trl_threads"]}
 
 
