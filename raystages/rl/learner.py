@@ -178,7 +178,7 @@ class Learner:
     def weight_buckets(self) -> list[list[tuple[str, torch.nn.Parameter, object]]]:
         """The policy's weights as the rollout engine loads them, ``(name, parameter, LoRA
         layer or None)`` (:func:`raystages.models.merged_weights_plan`; read one with
-        :meth:`weight`), in sync buckets of about ``rollout.sync_bucket_mb`` (sized by full
+        :func:`raystages.models.merged_weight`), in sync buckets of about ``rollout.sync_bucket_mb`` (sized by full
         shapes: ZeRO-3 keeps them in ``ds_shape``); the same on every rank."""
         from raystages.models import merged_weights_plan
         from raystages.rl.sync import buckets
@@ -187,13 +187,6 @@ class Learner:
         sizes = [math.prod(getattr(p, "ds_shape", p.shape)) * p.element_size() for _, p, _ in named]
         limit = int(self.spec.rollout.sync_bucket_mb * 2**20)
         return [[named[i] for i in group] for group in buckets(sizes, limit)]
-
-    @staticmethod
-    def weight(param: torch.nn.Parameter, layer) -> torch.Tensor:
-        """One weight as the rollout engine gets it: with LoRA, its adapters merged in."""
-        from raystages.models import merged_weight
-
-        return merged_weight(param, layer)
 
     def publish_weights(self) -> tuple[list | None, int, float]:
         """Collective. Bucket by bucket, every rank joins the gather and rank 0 puts the whole
@@ -205,13 +198,15 @@ class Learner:
         import psutil
         import ray
 
+        from raystages.models import merged_weight
+
         me = psutil.Process()
         base = me.memory_full_info().uss if self.rank == 0 else 0
         refs, nbytes, extra = [], 0, 0
         for named in self.weight_buckets():
             with self.gathered([p for _, p, _ in named]):
                 if self.rank == 0:
-                    tensors = [(n, self.weight(p, layer).to("cpu")) for n, p, layer in named]
+                    tensors = [(n, merged_weight(p, layer).to("cpu")) for n, p, layer in named]
                     nbytes += sum(t.numel() * t.element_size() for _, t in tensors)
                     refs.append(ray.put(tensors))
                     extra = max(extra, me.memory_full_info().uss - base)

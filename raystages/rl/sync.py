@@ -145,9 +145,11 @@ def nccl_send(learner, init: dict | None, named_params) -> int:
 
         learner._nccl = trainer_init(init)
         return 0
+    from raystages.models import merged_weight
+
     nbytes = 0
     for _, p, layer in named_params:
-        t = learner.weight(p, layer).contiguous()
+        t = merged_weight(p, layer).contiguous()
         learner._nccl.broadcast(t, src=0, stream=torch.cuda.current_stream())
         nbytes += t.numel() * t.element_size()
     torch.cuda.synchronize()

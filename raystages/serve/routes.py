@@ -228,7 +228,7 @@ class StagesRoutes:
 
     async def _task_head(self, request: Request, kind: str, call: str, body, *args) -> dict:
         name = request.state.model = self._resolve_model(body.model, kind)
-        reject_invalid_text({"input": body.input, "text_pair": getattr(body, "text_pair", None)})
+        reject_invalid_text(body.model_dump(exclude={"model"}))  # every text the route reads
         out = await getattr(self._scorers[name], call).remote(body.texts(), *args)
         if "error" in out:
             raise ApiError(400, out["error"], out.get("param"), out.get("code"))

@@ -94,7 +94,7 @@ class TaskHeadServer:
         encs = self._encode(texts, pairs)
         if isinstance(encs, dict):
             return encs
-        probs = await asyncio.gather(*(self._forward(self._inputs(e, pairs)) for e in encs))
+        probs = await asyncio.gather(*(self._forward(self._inputs(e)) for e in encs))
         results = []
         for text, enc, p in zip(texts, encs, probs):
             score, best = p.max(-1)  # (T,) each position's likeliest label and its probability
@@ -133,11 +133,11 @@ class TaskHeadServer:
         return {"results": results, "tokens": sum(len(e["input_ids"]) for e in encs)}
 
     @staticmethod
-    def _inputs(enc, pairs: list[str] | None = None) -> tuple[list[int], list[int]]:
-        """``(input_ids, token_type_ids)`` as training fed them: segment ids for text pairs
-        (1 on the second text), all 0 otherwise."""
+    def _inputs(enc) -> tuple[list[int], list[int]]:
+        """``(input_ids, token_type_ids)`` as training fed them: a pair's segment ids (1 on
+        the second text), all 0 for a single text or a tokenizer without them."""
         ids = enc["input_ids"]
-        return ids, enc["token_type_ids"] if pairs is not None and "token_type_ids" in enc else [0] * len(ids)
+        return ids, enc.get("token_type_ids") or [0] * len(ids)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _forward(self, batch: list[tuple[list[int], list[int]]]) -> list:
