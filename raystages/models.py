@@ -236,6 +236,19 @@ def _build_model(auto_cls, model_spec, tokenizer, seed: int, configure):
     return model
 
 
+def fresh_weights(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, seed: int) -> None:
+    """Export ``checkpoint``'s architecture and tokenizer with new weights drawn at ``seed``:
+    the from-scratch arm of a pretrained-versus-scratch comparison (same shapes, same vocabulary,
+    none of the learning)."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    model_cls = getattr(transformers, config.architectures[0])
+    torch.manual_seed(seed)
+    export_hf(model_cls(config).float(), load_tokenizer(str(checkpoint)), out_dir)
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -7,7 +7,10 @@ Each section under ``stages:`` is that stage's own spec (as in ``jobs/<stage>.ya
 ``{checkpoint: DIR}`` to use an existing checkpoint instead of running the stage. The
 pipeline sets what chains them: every stage runs in ``storage_path/name/<stage>``; SFT
 starts from the pretrained export, the reward model and RL from the SFT export, and RL's
-reward sources of kind ``model`` without a ``ref`` score with the reward model.
+reward sources of kind ``model`` without a ``ref`` score with the reward model. With
+``from_scratch: true`` the SFT spec also runs, as ``sft-scratch``, from fresh weights of the
+pretrained model's architecture (same tokenizer, spec and budget), and the report sets the two
+side by side: what pretraining is worth downstream.
 
 A rerun skips a stage whose export exists for the same chain key (its spec hash and its
 parent's key, so a changed upstream stage reruns everything after it) and resumes an
@@ -27,13 +30,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raystages.models import fresh_weights
+from raystages.registry import ORDER, STAGES, stage_module
 from raystages.spec import (SpecError, StageSpec, apply_overrides, parse_spec, read_yaml_mapping,
                             validation_lines)
-
-from raystages.registry import ORDER, STAGES, stage_module
 from raystages.train.console import begin_stage, finished_line
 
 PARENT = {name: s.parent for name, s in STAGES.items() if s.parent}
+SCRATCH = "sft-scratch"  # the run of stages.sft from fresh weights (from_scratch: true)
 
 
 class ReportSpec(BaseModel):
@@ -48,6 +52,7 @@ class PipelineSpec(BaseModel):
     name: str = Field("pipeline", pattern=r"^[A-Za-z0-9_.-]+$", description="Pipeline name: its stages run in storage_path/name/<stage>.")
     storage_path: str = Field("runs", description="Where the pipeline's runs live (shared storage on a cluster).")
     stages: dict[str, dict[str, Any]] = Field(description="pretrain/sft/rm/rl: each the stage's spec, or {checkpoint: DIR}.")
+    from_scratch: bool = Field(False, description="Also run stages.sft from fresh weights of the pretrained model's architecture (run `sft-scratch`: same tokenizer, spec and budget) and compare the two in the report.")
     report: ReportSpec = Field(default_factory=ReportSpec)
 
     @model_validator(mode="after")
@@ -59,6 +64,9 @@ class PipelineSpec(BaseModel):
             parent = PARENT.get(stage)
             if parent and parent not in self.stages:
                 raise ValueError(f"stages.{stage} needs stages.{parent} (a spec or {{checkpoint: DIR}})")
+        if self.from_scratch and not ("pretrain" in self.stages and "sft" in self.stages
+                                      and "checkpoint" not in self.stages["sft"]):
+            raise ValueError("from_scratch needs stages.pretrain (a spec or {checkpoint: DIR}) and a stages.sft spec")
         return self
 
     def root(self) -> Path:
@@ -71,13 +79,20 @@ class PipelineSpec(BaseModel):
     def export_of(self, stage: str) -> Path:
         return self.checkpoint_of(stage) or self.root() / stage / "model"
 
-    def stage_spec(self, stage: str) -> StageSpec:
-        """The stage's spec with the pipeline's wiring applied."""
+    def scratch_init(self) -> Path:
+        """Where the fresh weights of the from-scratch SFT run are written."""
+        return self.root() / f"{SCRATCH}-init"
+
+    def stage_spec(self, stage: str, from_scratch: bool = False) -> StageSpec:
+        """The stage's spec with the pipeline's wiring applied (``from_scratch``: the SFT run
+        from fresh weights)."""
         raw = copy.deepcopy(self.stages[stage])
         if "checkpoint" in raw:
             raise SpecError(f"stages.{stage} is a given checkpoint, not a run")
-        raw.setdefault("run", {}).update(name=stage, storage_path=str(self.root()))
-        if stage in PARENT:
+        raw.setdefault("run", {}).update(name=SCRATCH if from_scratch else stage, storage_path=str(self.root()))
+        if from_scratch:
+            raw.setdefault("model", {})["path"] = str(self.scratch_init())
+        elif stage in PARENT:
             raw.setdefault("model", {})["path"] = str(self.export_of(PARENT[stage]))
         if stage == "rl":
             sources = raw.setdefault("reward", {}).setdefault("sources", [{"kind": "oracle"}])
@@ -126,6 +141,8 @@ def preflight_pipeline(pipe: PipelineSpec) -> None:
         if stage == "rl" and "rm" in pipe.stages and pipe.checkpoint_of("rm") is None:
             produced.add("reward.sources")
         preflight(pipe.stage_spec(stage), frozenset(produced), source=f"stages.{stage}")
+    if pipe.from_scratch:
+        preflight(pipe.stage_spec("sft", from_scratch=True), frozenset({"model.path"}), source="stages.sft")
 
 
 def chain_key(spec_hash: str, parent_key: str | None) -> str:
@@ -146,6 +163,31 @@ def run_pipeline(pipe: PipelineSpec, say=print) -> dict:
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"stages": {}}
     (root / "pipeline.yaml").write_text(yaml.safe_dump(pipe.model_dump(mode="json"), sort_keys=False))
     keys: dict[str, str] = {}
+
+    def run(label: str, stage: str, spec: StageSpec, key: str, prepare=None) -> None:
+        """Run one stage under ``label`` in the state, unless its export is up to date."""
+        export = spec.run_dir() / "model"
+        prev = state["stages"].get(label, {})
+        if prev.get("key") == key and prev.get("status") in ("done", "skipped") and (export / "lineage.json").is_file():
+            prev["status"] = "skipped"
+            say(f"{label}: up to date ({export}), skipped")
+            return
+        if prev.get("key") not in (None, key):
+            # The spec or an upstream stage changed: this stage's old run must not resume.
+            _archive(spec.run_dir())
+        state["stages"][label] = {"status": "running", "key": key, "export": str(export), "started": time.time()}
+        _save(state_path, state)
+        begin_stage()
+        if prepare is not None:
+            prepare()
+        result = stage_module(stage).run(spec)
+        state["stages"][label] = {"status": "done", "key": key, "export": str(result.export_dir),
+                                  "wall_s": round(time.time() - state["stages"][label]["started"], 1),
+                                  "metrics": _scalars(result.metrics)}
+        _save(state_path, state)
+        say(finished_line(label, {**result.metrics, "wall_s": state["stages"][label]["wall_s"]},
+                          result.export_dir).removeprefix("raystages: "))
+
     for stage in (s for s in ORDER if s in pipe.stages):
         parent_key = keys.get(PARENT.get(stage, ""), None)
         ckpt = pipe.checkpoint_of(stage)
@@ -155,26 +197,13 @@ def run_pipeline(pipe: PipelineSpec, say=print) -> dict:
             say(f"{stage}: using the given checkpoint {ckpt}")
             continue
         spec = pipe.stage_spec(stage)
-        keys[stage] = key = chain_key(spec.digest(), parent_key)
-        export = spec.run_dir() / "model"
-        prev = state["stages"].get(stage, {})
-        if prev.get("key") == key and prev.get("status") in ("done", "skipped") and (export / "lineage.json").is_file():
-            prev["status"] = "skipped"
-            say(f"{stage}: up to date ({export}), skipped")
-            continue
-        if prev.get("key") not in (None, key):
-            # The spec or an upstream stage changed: this stage's old run must not resume.
-            _archive(spec.run_dir())
-        state["stages"][stage] = {"status": "running", "key": key, "export": str(export), "started": time.time()}
-        _save(state_path, state)
-        begin_stage()
-        result = stage_module(stage).run(spec)
-        state["stages"][stage] = {"status": "done", "key": key, "export": str(result.export_dir),
-                                  "wall_s": round(time.time() - state["stages"][stage]["started"], 1),
-                                  "metrics": _scalars(result.metrics)}
-        _save(state_path, state)
-        say(finished_line(stage, {**result.metrics, "wall_s": state["stages"][stage]["wall_s"]},
-                          result.export_dir).removeprefix("raystages: "))
+        keys[stage] = chain_key(spec.digest(), parent_key)
+        run(stage, stage, spec, keys[stage])
+        if stage == "sft" and pipe.from_scratch:
+            spec = pipe.stage_spec(stage, from_scratch=True)
+            # Fresh weights depend on the parent's architecture and the seed, not its learning.
+            run(SCRATCH, stage, spec, chain_key(spec.digest(), f"{parent_key}|scratch"),
+                prepare=lambda: fresh_weights(pipe.export_of("pretrain"), pipe.scratch_init(), spec.run.seed))
     return state
 
 

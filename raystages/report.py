@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from raystages.pipeline import SCRATCH
+
 MODELS = ("pretrain", "sft", "dpo", "rl")
 
 
@@ -146,13 +148,28 @@ def side_by_side(pipe, state: dict) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", means
 
 
+HEAD_METRICS = ("held_out_accuracy", "held_out_macro_f1", "held_out_entity_f1", "held_out_entity_precision",
+                "held_out_entity_recall")
+
+
+def scratch_table(state: dict) -> str:
+    """Markdown: each held-out SFT figure from the pretrained checkpoint and from scratch."""
+    pretrained, scratch = (state["stages"][s].get("metrics") or {} for s in ("sft", SCRATCH))
+    lines = ["| held-out figure | from scratch | from the pretrained checkpoint | difference |", "|---|---|---|---|"]
+    for k in ("accuracy_after", *HEAD_METRICS):
+        if isinstance(pretrained.get(k), (int, float)) and isinstance(scratch.get(k), (int, float)):
+            lines.append(f"| {k.removeprefix('held_out_')} | {scratch[k]:.3f} | {pretrained[k]:.3f} | "
+                         f"{pretrained[k] - scratch[k]:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(pipe, state: dict) -> Path:
     root = pipe.root()
     stages = list(state["stages"])
     md = [f"# raystages pipeline `{pipe.name}`\n", f"Runs under `{root}`.\n", "## Stages\n",
           "| stage | status | wall s | key metrics | checkpoint |", "|---|---|---|---|---|"]
-    keys = ("val_loss", "accuracy_before", "accuracy_after", "pair_accuracy", "val_reward_accuracy",
-            "reward_before", "reward_after", "kl_ref")
+    keys = ("val_loss", "val_masked_accuracy", "accuracy_before", "accuracy_after", *HEAD_METRICS,
+            "pair_accuracy", "val_reward_accuracy", "reward_before", "reward_after", "kl_ref")
     for s in stages:
         st = state["stages"][s]
         m = st.get("metrics") or {}
@@ -163,9 +180,17 @@ def write_report(pipe, state: dict) -> Path:
         md += ["", "## Curves", ""] + [f"![{p}]({p})" for p in pngs]
     elif pipe.report.plots:
         md += ["", "_Plots need matplotlib (`pip install matplotlib`)._"]
+    if pipe.from_scratch and SCRATCH in state["stages"]:
+        md += ["", "## What pretraining is worth", "",
+               f"The same SFT spec and budget from the pretrained checkpoint (`sft`) and from fresh weights of "
+               f"its architecture and tokenizer (`{SCRATCH}`), on the same held-out data.", "",
+               scratch_table(state)]
     means = {}
-    builtin = (pipe.stages.get("pretrain") or {}).get("data", {}).get("source", "builtin") == "builtin"
-    if pipe.report.prompts and builtin and any(m in state["stages"] for m in MODELS):
+    pretrain = pipe.stages.get("pretrain") or {}
+    builtin = pretrain.get("data", {}).get("source", "builtin") == "builtin"
+    generative = pretrain.get("objective", "causal") == "causal" and (
+        (pipe.stages.get("sft") or {}).get("sft", {}).get("task", "chat") == "chat")
+    if pipe.report.prompts and builtin and generative and any(m in state["stages"] for m in MODELS):
         table, means = side_by_side(pipe, state)
         md += ["", "## The same held-out prompts, stage by stage", "",
                "Each answer is greedy; scored by the reward model (logit) and the task's oracle (1.0 = exact).", "",

@@ -49,6 +49,10 @@ def test_pipeline_spec_errors_name_the_stage_and_field(tmp_path):
         load_pipeline(tmp_path / "o.yaml")
     with pytest.raises(SpecError, match=r"stages.pretrain.checkpoint: .* is not a checkpoint"):
         load_pipeline(QUICK, [f"stages.pretrain.checkpoint={tmp_path}"])
+    no_sft = {**raw, "from_scratch": True, "stages": {"pretrain": raw["stages"]["pretrain"]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(no_sft))
+    with pytest.raises(SpecError, match=r"from_scratch needs stages.pretrain .* and a stages.sft spec"):
+        load_pipeline(tmp_path / "s.yaml")
     out = subprocess.run([*CLI, "pipeline", str(tmp_path / "p.yaml")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "optim.lrr" in out.stderr and "Traceback" not in out.stderr

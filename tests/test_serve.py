@@ -391,6 +391,8 @@ def test_metrics_in_prometheus_format_on_the_api_port(app):
     ok = samples[("raystages_requests_total", (("model", "pretrain"), ("route", "/v1/completions"), ("status", "200")))]
     assert ok >= 750  # the load test alone sent 750 completions (and 250 chats)
     assert any(n == "raystages_requests_total" and dict(lb).get("status") == "400" for n, lb in samples)
+    # The stream dropped by the test above counts as 499 (client closed), not as 200.
+    assert samples[("raystages_requests_total", (("model", "sft"), ("route", "/v1/chat/completions"), ("status", "499")))] >= 1
     assert samples[("raystages_tokens_total", (("kind", "completion"), ("model", "pretrain")))] >= 1000
     assert ("raystages_request_seconds_bucket", (("le", "+Inf"), ("model", "pretrain"), ("route", "/v1/completions"))) in samples
     assert any(n.startswith("ray_serve_") for n, _ in samples), sorted({n for n, _ in samples})[:50]

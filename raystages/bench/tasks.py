@@ -103,7 +103,7 @@ def _mlm_figures(result, steps: int, text: str, t0: float) -> dict:
 
 
 def run(overrides: list[str]) -> dict:
-    from raystages.models import build_masked_lm, export_hf, load_tokenizer
+    from raystages.models import fresh_weights
     from raystages.spec import load_spec
     from raystages.stages import pretrain, sft
     from raystages.stages.task_heads import score_source
@@ -122,11 +122,8 @@ def run(overrides: list[str]) -> dict:
     out["mlm"] = _mlm_figures(mlm, steps["mlm_steps"], "rotten_tomatoes train sentences (labels unused)", t0)
 
     # The same architecture and tokenizer with fresh weights: the from-scratch arm.
-    tok = load_tokenizer(str(mlm.export_dir))
-    config_spec = load_spec(ROOT / "jobs" / "pretrain-mlm.yaml",
-                            [*common, "data.source=builtin", "data.val_source=", *model_overrides])
     scratch = storage / "scratch"
-    export_hf(build_masked_lm(config_spec.model, tok, seed=0), tok, scratch)
+    fresh_weights(mlm.export_dir, scratch, seed=0)
 
     sentiment = {}
     for arm, parent in (("scratch", scratch), ("pretrained", mlm.export_dir)):

@@ -56,18 +56,26 @@ class RequestTimer:
         self.t0 = time.perf_counter()
         self.first_byte: float | None = None
         self.status = 500
+        self.complete = False  # the last body message went out
+        self.failed = False  # an exception ended the response after its headers
         IN_FLIGHT.labels(self.route).inc()
 
     def on_message(self, message: dict) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-        elif message["type"] == "http.response.body" and self.first_byte is None and message.get("body"):
-            self.first_byte = time.perf_counter() - self.t0
+        elif message["type"] == "http.response.body":
+            if self.first_byte is None and message.get("body"):
+                self.first_byte = time.perf_counter() - self.t0
+            self.complete = not message.get("more_body", False)
 
     def done(self, state: dict) -> None:
         model = str(state.get("model") or "-")
+        # A response that stopped before its last byte without an error of ours stopped
+        # because the client went away (Serve cancels the call, Starlette ends a stream on
+        # disconnect): counted as nginx counts it, 499, not as the 200 its headers said.
+        status = self.status if self.complete else 500 if self.failed else 499
         IN_FLIGHT.labels(self.route).dec()
-        REQUESTS.labels(self.route, model, str(self.status)).inc()
+        REQUESTS.labels(self.route, model, str(status)).inc()
         LATENCY.labels(self.route, model).observe(time.perf_counter() - self.t0)
         if self.first_byte is not None:
             FIRST_BYTE.labels(self.route, model).observe(self.first_byte)

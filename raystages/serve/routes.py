@@ -102,6 +102,7 @@ class _Guard:
             await self.app(scope, receive, tagged_send)
         except Exception as e:  # noqa: BLE001 - the last line of defence for one request
             if started:
+                timer.failed = True
                 raise
             await error_response(as_api_error(e, rid))(scope, receive, tagged_send)
         finally:
