@@ -131,7 +131,8 @@ def load_pipeline(path, overrides=()) -> PipelineSpec:
 
 def preflight_pipeline(pipe: PipelineSpec) -> None:
     """Every stage's preflight before the first starts; paths that an earlier stage of the
-    pipeline will write need not exist yet."""
+    pipeline will write need not exist yet. (The from-scratch run is stages.sft with only
+    the pipeline's own model.path and run name changed: sft's preflight covers it.)"""
     from raystages.preflight import preflight
 
     for stage in (s for s in ORDER if s in pipe.stages and pipe.checkpoint_of(s) is None):
@@ -141,8 +142,6 @@ def preflight_pipeline(pipe: PipelineSpec) -> None:
         if stage == "rl" and "rm" in pipe.stages and pipe.checkpoint_of("rm") is None:
             produced.add("reward.sources")
         preflight(pipe.stage_spec(stage), frozenset(produced), source=f"stages.{stage}")
-    if pipe.from_scratch:
-        preflight(pipe.stage_spec("sft", from_scratch=True), frozenset({"model.path"}), source="stages.sft")
 
 
 def chain_key(spec_hash: str, parent_key: str | None) -> str:
@@ -201,8 +200,7 @@ def run_pipeline(pipe: PipelineSpec, say=print) -> dict:
         run(stage, stage, spec, keys[stage])
         if stage == "sft" and pipe.from_scratch:
             spec = pipe.stage_spec(stage, from_scratch=True)
-            # Fresh weights depend on the parent's architecture and the seed, not its learning.
-            run(SCRATCH, stage, spec, chain_key(spec.digest(), f"{parent_key}|scratch"),
+            run(SCRATCH, stage, spec, chain_key(spec.digest(), parent_key),
                 prepare=lambda: fresh_weights(pipe.export_of("pretrain"), pipe.scratch_init(), spec.run.seed))
     return state
 

@@ -178,8 +178,9 @@ class Learner:
     def weight_buckets(self) -> list[list[tuple[str, torch.nn.Parameter, object]]]:
         """The policy's weights as the rollout engine loads them, ``(name, parameter, LoRA
         layer or None)`` (:func:`raystages.models.merged_weights_plan`; read one with
-        :func:`raystages.models.merged_weight`), in sync buckets of about ``rollout.sync_bucket_mb`` (sized by full
-        shapes: ZeRO-3 keeps them in ``ds_shape``); the same on every rank."""
+        :func:`raystages.models.merged_weight`), in sync buckets of about
+        ``rollout.sync_bucket_mb`` (sized by full shapes: ZeRO-3 keeps them in ``ds_shape``);
+        the same on every rank."""
         from raystages.models import merged_weights_plan
         from raystages.rl.sync import buckets
 
