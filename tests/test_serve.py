@@ -178,6 +178,13 @@ def test_sampling_parameters(app, client):
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == stopped.choices[0].text
     one = client.completions.create(model="pretrain", prompt=prompt, max_tokens=1, temperature=0)
     assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
+    # The untrained model samples its end token within a few dozen tokens; ignore_eos
+    # generates past it to max_tokens.
+    kw = dict(model="sft", prompt=prompt, max_tokens=200, temperature=1.0, n=8, seed=0)
+    ended = client.completions.create(**kw)
+    assert "stop" in {ch.finish_reason for ch in ended.choices} and ended.usage.completion_tokens < 8 * 200
+    past = client.completions.create(**kw, extra_body={"ignore_eos": True})
+    assert {ch.finish_reason for ch in past.choices} == {"length"} and past.usage.completion_tokens == 8 * 200
 
 
 def test_score_equals_transformers(app, reward_checkpoint):
@@ -322,10 +329,12 @@ def test_a_dropped_stream_logs_one_line_without_a_traceback(app, ray_session):
 
     logs = Path(ray_session._private.worker._global_node.get_logs_dir_path()) / "serve"
     rid = f"drop-{app[1]}-{time.time_ns()}"
+    # ignore_eos: the stream cannot end before the client goes (without it, this seed's sample
+    # ends after 28 tokens, ~70 ms, sooner than the drop may reach the ingress).
     with httpx.stream("POST", f"{app[0]}/chat/completions", timeout=60, headers={**HDR, "x-request-id": rid}, json={
             "model": "sft", "messages": [{"role": "user", "content": "ab"}], "max_tokens": 200, "stream": True,
-            "temperature": 1.0, "seed": 0}) as r:
-        assert r.status_code == 200
+            "temperature": 1.0, "seed": 0, "ignore_eos": True}) as r:
+        assert r.status_code == 200, r.read()
         lines = r.iter_lines()
         for _ in range(3):  # a few tokens in, then the client goes
             next(lines)

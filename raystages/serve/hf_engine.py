@@ -28,6 +28,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     seed: int = 0
     stream: bool = False  # without streaming or stop strings, text is decoded once, at the end
+    ignore_eos: bool = False  # an end token is taken as text (dropped when decoding), not as the end
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -99,7 +100,8 @@ class HFEngine:
             for j in range(req.get("n", 1)):
                 seed = req["seed"] + p * req.get("n", 1) + j if req.get("seed") is not None else random.getrandbits(63)
                 jobs.append(Job(ids, max_tokens, req.get("temperature", 1.0), req.get("top_p", 1.0),
-                                list(req.get("stop") or []), seed, bool(req.get("stream"))))
+                                list(req.get("stop") or []), seed, bool(req.get("stream")),
+                                bool(req.get("ignore_eos"))))
         yield {"prompt_tokens": [len(ids) for ids in prompts]}
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -190,7 +192,7 @@ class HFEngine:
     def _advance(self, r: int, job: Job, token: int, tokens, sent, done) -> dict:
         """Take ``token`` for row ``r``; return the text delta that is safe to stream."""
         finish = None
-        if token in self.end_ids:
+        if token in self.end_ids and not job.ignore_eos:
             finish = "stop"
         else:
             tokens[r].append(token)

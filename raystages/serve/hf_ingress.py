@@ -55,7 +55,7 @@ class HFIngress(StagesRoutes):
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         req.update(temperature=1.0 if body.temperature is None else body.temperature,
                    top_p=1.0 if body.top_p is None else body.top_p, n=body.n, stop=stop, seed=body.seed,
-                   stream=body.stream)
+                   stream=body.stream, ignore_eos=body.ignore_eos)
         events = self._engines[name].generate.remote(req)
         first = await events.__anext__()
         if "error" in first:

@@ -83,6 +83,9 @@ class _Sampling(_Strict):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100)]] | None = None
     user: str | None = None  # an end-user id for the caller's own tracking; accepted and not used
+    # vLLM's one extension accepted here: generate to max_tokens past the end token, so a
+    # load test gets fixed output lengths (vLLM's benchmark_serving sends it).
+    ignore_eos: bool = False
 
     @field_validator("stream_options")
     @classmethod
