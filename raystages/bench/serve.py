@@ -83,8 +83,9 @@ def summarize(res: dict) -> dict:
 
 
 def prompt_mix(n: int, max_tokens: int, seed: int = 0) -> list[dict]:
-    """Completions and chats over held-out task prompts, greedy: the same list at every
-    concurrency, so both levels do the same work."""
+    """Completions and chats over held-out task prompts, greedy, each generating exactly
+    ``max_tokens`` (``ignore_eos``): the same list at every concurrency and on both servers,
+    so every load does the same work whatever the checkpoint."""
     from raystages.task.splits import pretrain_texts
 
     lines = [ln for t in pretrain_texts("val", 60, seed) for ln in t.split("\n") if " = " in ln]
@@ -93,9 +94,10 @@ def prompt_mix(n: int, max_tokens: int, seed: int = 0) -> list[dict]:
         q = lines[i % len(lines)].split(" = ")[0]
         if i % 4 == 3:
             out.append({"model": "bench", "messages": [{"role": "user", "content": q}],
-                        "max_tokens": max_tokens, "temperature": 0})
+                        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
         else:
-            out.append({"model": "bench", "prompt": q + " =", "max_tokens": max_tokens, "temperature": 0})
+            out.append({"model": "bench", "prompt": q + " =", "max_tokens": max_tokens, "temperature": 0,
+                        "ignore_eos": True})
     return out
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -208,9 +209,14 @@ def build(models: list[ServedModel], spec: ServeSpec):
     api = make_api(spec.resolved_api_key())
     if resolve_engine(spec.engine) == "vllm":
         from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+        from ray.llm._internal.serve.core.server import builder
         from ray.serve.llm import build_llm_deployment
 
         from raystages.serve.ingress import VLLMIngress
+        from raystages.train.console import verbose
+
+        if not verbose():  # its INFO is each deployment's whole options dict, pretty-printed
+            logging.getLogger(f"ray.serve.{builder.__name__}").setLevel(logging.WARNING)
 
         configs = {m.name: llm_config(m) for m in gen}
         return serve.deployment(ingress_class(VLLMIngress, api), **ingress_opts).bind(
