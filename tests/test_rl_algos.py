@@ -380,6 +380,8 @@ def test_fully_masked_row_never_nan():
 
 
 def test_split_rows_gives_each_rank_a_contiguous_shard_that_concatenates_back():
+    import pickle
+
     from raystages.rl.batch import split_rows
 
     batch = {"input_ids": torch.arange(12).view(6, 2), "response_len": torch.tensor([1, 2, 3, 4, 5, 6])}
@@ -388,6 +390,10 @@ def test_split_rows_gives_each_rank_a_contiguous_shard_that_concatenates_back():
     assert shards[1]["input_ids"].tolist() == [[4, 5], [6, 7]]  # the rows' full width kept
     assert all(torch.equal(torch.cat([s[k] for s in shards]), v) for k, v in batch.items())
     assert split_rows(batch, 1)[0].keys() == batch.keys()
+    # What a rank receives (scatter_object_list pickles its shard) is its own rows' bytes,
+    # not the whole batch's storage.
+    big = {"input_ids": torch.zeros(64, 1024, dtype=torch.long)}
+    assert len(pickle.dumps(split_rows(big, 4)[1])) < 1.1 * 64 * 1024 * 8 / 4
 
 
 def test_health_kl_caps_one_outlier_token_but_not_broad_drift():

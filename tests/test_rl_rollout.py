@@ -134,3 +134,16 @@ def test_sync_buckets_keep_order_and_stay_under_the_limit():
     groups = buckets(sizes, 8)
     assert [i for g in groups for i in g] == list(range(len(sizes)))  # every tensor once, in order
     assert all(sum(sizes[i] for i in g) <= 8 or len(g) == 1 for g in groups)
+
+
+def test_a_sync_bucket_ships_its_own_bytes_not_the_flat_buffer_behind_its_parameters():
+    import pickle
+
+    from raystages.rl.sync import bucket_payload
+
+    flat = torch.randn(100_000)  # DeepSpeed keeps parameters as views into flat buffers like this
+    named = [(f"w{i}", torch.nn.Parameter(flat[i * 100:(i + 1) * 100].view(10, 10)), None) for i in range(3)]
+    payload = bucket_payload(named)
+    assert [n for n, _ in payload] == ["w0", "w1", "w2"]
+    assert torch.equal(payload[1][1], flat[100:200].view(10, 10))
+    assert len(pickle.dumps(payload)) < 2 * 3 * 100 * 4  # its 3 x 100 floats, not 3 x 100,000

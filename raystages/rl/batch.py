@@ -62,8 +62,10 @@ def split_rows(batch: dict[str, torch.Tensor], world: int) -> list[dict[str, tor
     """``batch`` cut into ``world`` contiguous row shards, rank ``r``'s at index ``r``: every
     tensor's first dimension is the batch's rows (``(B, ...)`` -> ``(B / world, ...)`` each;
     ``B`` divides evenly, as the spec guarantees). The widths stay the whole batch's, so the
-    shards concatenate back."""
-    return [dict(zip(batch, rows)) for rows in zip(*(v.tensor_split(world) for v in batch.values()))]
+    shards concatenate back. Each shard owns its storage: a pickled view would carry the
+    whole batch to every rank."""
+    return [dict(zip(batch, rows)) for rows in zip(*((r.clone() for r in v.tensor_split(world))
+                                                       for v in batch.values()))]
 
 
 def shape_scores(scores: torch.Tensor, algo, moments: RunningMoments) -> torch.Tensor:

@@ -199,7 +199,7 @@ class Learner:
         import psutil
         import ray
 
-        from raystages.models import merged_weight
+        from raystages.rl.sync import bucket_payload
 
         me = psutil.Process()
         base = me.memory_full_info().uss if self.rank == 0 else 0
@@ -207,7 +207,7 @@ class Learner:
         for named in self.weight_buckets():
             with self.gathered([p for _, p, _ in named]):
                 if self.rank == 0:
-                    tensors = [(n, merged_weight(p, layer).to("cpu")) for n, p, layer in named]
+                    tensors = bucket_payload(named)
                     nbytes += sum(t.numel() * t.element_size() for _, t in tensors)
                     refs.append(ray.put(tensors))
                     extra = max(extra, me.memory_full_info().uss - base)

@@ -89,6 +89,16 @@ def buckets(sizes: list[int], limit: int) -> list[list[int]]:
     return out
 
 
+def bucket_payload(named) -> list[tuple[str, torch.Tensor]]:
+    """One gathered bucket (``(name, parameter, LoRA layer or None)``) as rank 0 puts it in the
+    object store: each weight merged, on the CPU, and a copy with a storage of its own.
+    DeepSpeed keeps parameters as views into flat buffers, and a pickled view carries its
+    whole storage: without the copy every tensor of every bucket would ship the whole model."""
+    from raystages.models import merged_weight
+
+    return [(name, merged_weight(p, layer).to("cpu", copy=True)) for name, p, layer in named]
+
+
 def memcpy_bytes_per_s(nbytes: int, repeats: int = 20) -> float:
     """Baseline for the bench: a plain in-process copy of ``nbytes`` (best of ``repeats``)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
