@@ -116,9 +116,11 @@ def _pairs(tokenizer_dir, n=8):
     return arrays, lambda a: {k: torch.tensor(v) for k, v in a.items()}
 
 
-def test_precomputed_reference_log_probs_give_the_frozen_reference_loss(ray_session, random_checkpoint, tmp_path):
+def test_precomputed_reference_log_probs_give_the_frozen_reference_loss(ray_session, random_checkpoint, tmp_path,
+                                                                         monkeypatch):
     """``dpo.precompute_ref``: the reference scored once by a Ray task (cached in the run dir
-    and read back on a rerun) gives the loss and rewards of the reference held per worker."""
+    and read back on a rerun) gives the loss and rewards of the reference held per worker; a
+    crash while the cache is written leaves none."""
     import torch
 
     from raystages.models import build_causal_lm, load_tokenizer
@@ -144,6 +146,22 @@ def test_precomputed_reference_log_probs_give_the_frozen_reference_loss(ray_sess
     got_loss, got = DpoStage(spec.dpo).pair_terms(policy, as_torch(cached))
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     assert got["reward_margin"].item() == pytest.approx(want["reward_margin"].item(), rel=1e-4, abs=1e-6)
+
+    # Killed half-way through writing a cache: nothing is left that a resume would read.
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    import numpy as np
+
+    def dies_mid_write(file, **arrays):  # np.savez's signature: a path or an open file
+        with open(file, "wb") if isinstance(file, (str, Path)) else nullcontext(file) as f:
+            f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        with_reference_logps(spec, str(random_checkpoint), arrays, "val")
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["train.npz"]
 
 
 def _held_out_terms(spec, model_dir, n_val: int) -> tuple[float, float]:

@@ -17,6 +17,7 @@ driver also answers held-out prompts greedily with the parent and the export.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -163,7 +164,14 @@ def with_reference_logps(spec, tokenizer_dir: str, arrays: dict, split: str) -> 
     task = ray.remote(num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0)(reference_logps)
     ref = ray.get(task.remote(spec, tokenizer_dir, arrays))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, digest=h.hexdigest(), **ref)
+    # Written beside and renamed into place: a crash mid-write leaves no cache a resume would read.
+    partial = cache.with_name(f".{cache.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as f:
+            np.savez(f, digest=h.hexdigest(), **ref)
+        os.replace(partial, cache)
+    finally:
+        partial.unlink(missing_ok=True)
     return arrays | ref
 
 
