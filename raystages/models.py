@@ -117,7 +117,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLik
         tokenizer_object=tok, eos_token=SPECIAL_TOKENS["eos"], bos_token=None,
         pad_token=SPECIAL_TOKENS["pad"], additional_special_tokens=SPECIAL_TOKENS["extra"])
     hf.chat_template = CHAT_TEMPLATE
-    _atomic_save(hf.save_pretrained, out_dir)
+    save_atomically(hf.save_pretrained, out_dir)
     return hf
 
 
@@ -150,7 +150,7 @@ def train_wordpiece_tokenizer(texts: list[str], vocab_size: int, out_dir: str | 
     # and in a user's `model(**tokenizer(a, b))` alike.
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=["input_ids", "token_type_ids", "attention_mask"],
                                  **ENCODER_SPECIALS)
-    _atomic_save(hf.save_pretrained, out_dir)
+    save_atomically(hf.save_pretrained, out_dir)
     return hf
 
 
@@ -327,10 +327,12 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[st
         for name, obj in (extra_files or {}).items():
             Path(tmp, name).write_text(json.dumps(obj, indent=2, default=str))
 
-    _atomic_save(write, out_dir)
+    save_atomically(write, out_dir)
 
 
-def _atomic_save(write, out_dir: str | os.PathLike) -> None:
+def save_atomically(write, out_dir: str | os.PathLike) -> None:
+    """``write(tmp)`` into a fresh folder beside ``out_dir``, then renamed into place: a crash
+    part-way leaves ``out_dir`` as it was, never half written."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)

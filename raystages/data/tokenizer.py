@@ -19,7 +19,7 @@ def prepare_tokenizer(spec, training_texts: Iterable[str]) -> str:
     documents are read, and only when training.
     A rerun reuses the tokenizer already there, so a resumed run keeps its vocabulary.
     """
-    from raystages.models import (is_encoder_preset, load_tokenizer, train_tokenizer,
+    from raystages.models import (is_encoder_preset, load_tokenizer, save_atomically, train_tokenizer,
                                   train_wordpiece_tokenizer)
 
     out = spec.run_dir() / TOKENIZER_DIR
@@ -28,8 +28,7 @@ def prepare_tokenizer(spec, training_texts: Iterable[str]) -> str:
     source = spec.tokenizer.path or spec.model.path
     if source:
         tok = load_tokenizer(source, spec.model.trust_remote_code)
-        out.mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(str(out))
+        save_atomically(tok.save_pretrained, out)  # a rerun reuses whatever is there
     else:
         texts = list(islice(training_texts, spec.tokenizer.train_docs))
         if is_encoder_preset(spec.model.preset):
