@@ -83,8 +83,8 @@ class _Sampling(_Strict):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100)]] | None = None
     user: str | None = None  # an end-user id for the caller's own tracking; accepted and not used
-    # vLLM's one extension accepted here: generate to max_tokens past the end token, so a
-    # load test gets fixed output lengths (vLLM's benchmark_serving sends it).
+    # One of EXTENSIONS: generate to max_tokens past the end token, so a load test gets fixed
+    # output lengths (vLLM's benchmark_serving sends it).
     ignore_eos: bool = False
 
     @field_validator("stream_options")
@@ -217,6 +217,8 @@ UNSUPPORTED = frozenset({
     "response_format", "safety_identifier", "service_tier", "store", "tool_choice", "tools", "verbosity",
     "web_search_options", "best_of", "suffix",
 })
+# Request fields outside OpenAI's that this server accepts: vLLM's, honoured by both engines.
+EXTENSIONS = frozenset({"ignore_eos"})
 # Pydantic error types that mean "not this type" (in a union: "not this member").
 _TYPE_ERRORS = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
                 "bool_type": "a boolean", "list_type": "an array", "dict_type": "an object",
