@@ -163,12 +163,15 @@ def scratch_table(state: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def answers_prompts(pipe) -> bool:
-    """Whether the pipeline's models answer chat prompts: not after masked-LM pretraining
-    or a task-head SFT (given checkpoints are taken to be causal LMs)."""
+def answers_builtin_prompts(pipe) -> bool:
+    """Whether the pipeline's models answer the built-in task's chat prompts: not after
+    pretraining on other data or masked-LM pretraining, nor after a task-head SFT (given
+    checkpoints are taken to be causal LMs of the built-in task)."""
     runs = {s for s in ("pretrain", "sft") if s in pipe.stages and pipe.checkpoint_of(s) is None}
-    if "pretrain" in runs and pipe.stage_spec("pretrain").objective != "causal":
-        return False
+    if "pretrain" in runs:
+        pretrain = pipe.stage_spec("pretrain")
+        if pretrain.data.source != "builtin" or pretrain.objective != "causal":
+            return False
     return not ("sft" in runs and pipe.stage_spec("sft").sft.task != "chat")
 
 
@@ -195,8 +198,7 @@ def write_report(pipe, state: dict) -> Path:
                f"its architecture and tokenizer (`{SCRATCH}`), on the same held-out data.", "",
                scratch_table(state)]
     means = {}
-    builtin = (pipe.stages.get("pretrain") or {}).get("data", {}).get("source", "builtin") == "builtin"
-    if pipe.report.prompts and builtin and answers_prompts(pipe) and any(m in state["stages"] for m in MODELS):
+    if pipe.report.prompts and answers_builtin_prompts(pipe) and any(m in state["stages"] for m in MODELS):
         table, means = side_by_side(pipe, state)
         md += ["", "## The same held-out prompts, stage by stage", "",
                "Each answer is greedy; scored by the reward model (logit) and the task's oracle (1.0 = exact).", "",

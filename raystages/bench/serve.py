@@ -92,12 +92,8 @@ def prompt_mix(n: int, max_tokens: int, seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         q = lines[i % len(lines)].split(" = ")[0]
-        if i % 4 == 3:
-            out.append({"model": "bench", "messages": [{"role": "user", "content": q}],
-                        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
-        else:
-            out.append({"model": "bench", "prompt": q + " =", "max_tokens": max_tokens, "temperature": 0,
-                        "ignore_eos": True})
+        ask = {"messages": [{"role": "user", "content": q}]} if i % 4 == 3 else {"prompt": q + " ="}
+        out.append({"model": "bench", **ask, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
     return out
 
 

@@ -99,9 +99,9 @@ class HFEngine:
             max_tokens = req.get("max_tokens") or self.max_len - len(ids)
             for j in range(req.get("n", 1)):
                 seed = req["seed"] + p * req.get("n", 1) + j if req.get("seed") is not None else random.getrandbits(63)
-                jobs.append(Job(ids, max_tokens, req.get("temperature", 1.0), req.get("top_p", 1.0),
-                                list(req.get("stop") or []), seed, bool(req.get("stream")),
-                                bool(req.get("ignore_eos"))))
+                jobs.append(Job(ids, max_tokens, temperature=req.get("temperature", 1.0), top_p=req.get("top_p", 1.0),
+                                stop=list(req.get("stop") or []), seed=seed, stream=bool(req.get("stream")),
+                                ignore_eos=bool(req.get("ignore_eos"))))
         yield {"prompt_tokens": [len(ids) for ids in prompts]}
         queue: asyncio.Queue = asyncio.Queue()
 
