@@ -21,6 +21,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -59,6 +60,22 @@ async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc)
 
 
+def _disconnect_on_cancel(receive):
+    """``receive``, with a client that went away reported as ASGI reports it: a disconnect
+    message. Serve's receive proxy does that when the proxy has already forgotten the request,
+    but when the proxy cancels its pending receive call (the client dropped a stream) it raises
+    that call's ``TaskCancelledError`` into the app: the stream would end in an exception,
+    Serve would log "Request failed." with a traceback and the request would count as a 500."""
+
+    async def receive_or_disconnect():
+        try:
+            return await receive()
+        except TaskCancelledError:
+            return {"type": "http.disconnect"}
+
+    return receive_or_disconnect
+
+
 class _Guard:
     """Pure ASGI middleware (so streaming passes through untouched): checks the API key,
     and turns an exception that escaped a route before any byte was sent into an
@@ -70,6 +87,7 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        receive = _disconnect_on_cancel(receive)
         headers = dict(scope.get("headers") or [])
         # The client's id when it sent a sane one (a load balancer's), else a fresh one.
         given_id = headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
