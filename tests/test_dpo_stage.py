@@ -10,6 +10,7 @@ import pytest
 from raystages import cli
 from raystages.spec import load_spec
 from tests.conftest import ROOT, TASK, shared_data
+from tests.run_helpers import kill_a_worker_past_a_checkpoint, logged_metrics
 
 BAD_DPO_SPECS = [
     (["dpo.beta=0"], "dpo.beta"),
@@ -216,6 +217,40 @@ def test_other_losses_run_end_to_end(loss, extra, sft_result, runs_dir):
     model = AutoModelForCausalLM.from_pretrained(result.export_dir, use_safetensors=True)
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert json.loads((result.export_dir / "lineage.json").read_text())["stage"] == "dpo"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_from_the_checkpoint_and_a_rerun_returns_the_export(ray_session, random_checkpoint,
+                                                                                     runs_dir):
+    """Fault tolerance on the shared engine, with the frozen reference sharded by ZeRO-3 beside
+    the policy: a worker killed past a checkpoint restarts the group from that checkpoint (the
+    reference is rebuilt with it), and rerunning the finished run hands back its export
+    without training again."""
+    import math
+    import threading
+
+    from raystages.stages import dpo
+
+    spec = load_spec(ROOT / "jobs" / "dpo.yaml", [
+        f"run.storage_path={runs_dir}", "run.name=dpo-worker-kill", f"model.path={random_checkpoint}", *TASK,
+        "dpo.rpo_alpha=0", "dpo.eval_prompts=0", "deepspeed.zero_stage=3", "data.builtin.num_train=640",
+        "data.builtin.num_val=64", "optim.max_steps=60", "optim.micro_batch_size=8", "run.checkpoint_every=20",
+        "run.max_failures=2", "logging.log_every=5", "run.eval_every=1000", "scaling.cpus_per_worker=0.5"])
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("result", dpo.run(spec)))
+    thread.start()
+    kill_a_worker_past_a_checkpoint(spec.run_dir(), 20)
+    thread.join(timeout=600)
+    result = out["result"]
+    rows = logged_metrics(spec.run_dir())
+    steps = [r["step"] for r in rows]
+    # Some steps ran twice after the restart, which began at a checkpoint, not at step 0.
+    assert result.metrics["step"] == 60 and len(steps) > len(set(steps)) and steps.count(5) == 1, steps
+    assert 20 <= result.metrics["start_step"] < 60, result.metrics
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["reward_margin"]) for r in rows), rows
+    again = dpo.run(spec)
+    assert again.metrics["step"] == 60 and again.export_dir == result.export_dir
+    assert logged_metrics(spec.run_dir()) == rows  # nothing trained again
 
 
 @pytest.mark.parametrize("overrides", [["dpo.loss=sigmoid", "dpo.rpo_alpha=0"], ["dpo.loss=ipo", "dpo.rpo_alpha=0"],

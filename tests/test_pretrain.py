@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +16,9 @@ import torch
 from raystages.spec import load_spec
 from raystages.stages import pretrain
 from tests.conftest import ROOT
+from tests.run_helpers import kill_a_worker_past_a_checkpoint, logged_metrics, wait_for_registered_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
 def _nano_spec(runs_dir, name, *extra):
@@ -37,7 +32,7 @@ def test_zero2_pretraining_lowers_held_out_loss_and_exports(pretrained_checkpoin
     from transformers import AutoModelForCausalLM
 
     run_dir = pretrained_checkpoint.parent
-    logged = _metrics(run_dir)
+    logged = logged_metrics(run_dir)
     first_loss = logged[0]["loss"]
     lineage = json.loads((pretrained_checkpoint / "lineage.json").read_text())
     final = lineage["metrics"]
@@ -59,7 +54,7 @@ def test_zero3_export_equals_the_sharded_training_state(ray_session, runs_dir):
     spec = _nano_spec(runs_dir, "zero3", "deepspeed.zero_stage=3", "optim.max_steps=30",
                       "run.checkpoint_every=30", "optim.lr=1e-2")
     result = pretrain.run(spec)
-    logged = _metrics(result.run_dir)
+    logged = logged_metrics(result.run_dir)
     assert result.metrics["val_loss"] < logged[0]["loss"] - 0.5
     ckpts = sorted(p for p in result.run_dir.glob("checkpoint_*") if (p / "state").is_dir())
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpts[-1]), tag="state")
@@ -72,37 +67,17 @@ def test_zero3_export_equals_the_sharded_training_state(ray_session, runs_dir):
         assert torch.equal(exported(ids).logits, trained(ids).logits)
 
 
-def _wait_for_registered_checkpoint(run_dir: Path, timeout: float = 300) -> None:
-    """Ray Train's controller registers a reported checkpoint a moment after the workers
-    report it; a crash in between falls back to the previous one. Wait for the registry."""
-    deadline = time.time() + timeout
-    while not (run_dir / "checkpoint_manager_snapshot.json").exists():
-        if time.time() > deadline:
-            raise TimeoutError(f"no checkpoint registered in {run_dir}")
-        time.sleep(0.2)
-
-
 def test_killed_worker_restarts_from_last_checkpoint(ray_session, runs_dir):
-    from ray.util.state import list_actors
-
     spec = _nano_spec(runs_dir, "worker-kill", "optim.max_steps=300", "run.checkpoint_every=40",
                       "run.max_failures=2")
     out: dict = {}
     thread = threading.Thread(target=lambda: out.setdefault("result", pretrain.run(spec)))
     thread.start()
-    _wait_for_registered_checkpoint(spec.run_dir())
-    # Kill once a step past the last checkpoint is logged (not at a checkpoint boundary), so
-    # the restart must log some steps again however slowly the machine runs.
-    deadline = time.time() + 300
-    while (last := max((m["step"] for m in _metrics(spec.run_dir())), default=0)) <= 40 or last % 40 == 0:
-        assert time.time() < deadline, "no step logged after the first checkpoint"
-        time.sleep(0.1)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    os.kill(workers[0].pid, signal.SIGKILL)
+    kill_a_worker_past_a_checkpoint(spec.run_dir(), 40)
     thread.join(timeout=600)
     result = out["result"]
     assert result.metrics["step"] == 300
-    steps = [m["step"] for m in _metrics(spec.run_dir())]
+    steps = [m["step"] for m in logged_metrics(spec.run_dir())]
     # After the restart the group continued from the checkpoint, so some steps ran twice,
     # and it did not start over from step 0 (step 5 is logged once).
     assert len(steps) > len(set(steps)) and steps.count(5) == 1
@@ -120,7 +95,7 @@ def test_killed_driver_rerun_resumes_and_ignores_orphan_checkpoints(ray_session,
                                str(ROOT / "jobs" / "pretrain.yaml"), *overrides],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_registered_checkpoint(spec.run_dir())
+        wait_for_registered_checkpoint(spec.run_dir())
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
@@ -149,7 +124,7 @@ def test_pretraining_on_real_text_with_the_gpt2_tokenizer(ray_session, runs_dir)
         "optim.max_steps=25", "optim.warmup_steps=5", "optim.seq_len=64", "optim.micro_batch_size=8", "optim.lr=1e-2",
         "run.eval_every=25", "run.checkpoint_every=1000", "logging.log_every=5", "run.samples=1"])
     result = pretrain.run(spec)
-    first = _metrics(result.run_dir)[0]["loss"]
+    first = logged_metrics(result.run_dir)[0]["loss"]
     assert first > 9.0  # ~ln(50257) = 10.8 for a fresh model
     assert result.metrics["val_loss"] < first - 3.0
     assert len(result.metrics["samples"]) == 1

@@ -22,6 +22,11 @@ EXPORT_DIR = "model"
 # Progress bars from transformers/hub and Ray Data would bury the progress lines.
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1",
              "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
+# Ray Train's controller polls its workers every 2 s by default, so each run waits up to a
+# poll to see its workers start and again to see them finish: ~5 s of every run, measured with
+# an empty train loop (15.8 s -> 10.5 s at 0.25 s; a 120-step pretrain 71-76 s -> 65-66 s, its
+# step time unchanged). Propagated by Ray Train to its controller; a value the user set wins.
+RAY_TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 # Ray Train callbacks a caller wants on every trainer this context fits (Ray Tune's
@@ -61,6 +66,8 @@ def connect_ray() -> None:
     from raystages.train.console import verbose
 
     os.environ.update(QUIET_ENV)
+    for name, value in RAY_TRAIN_POLL_ENV.items():
+        os.environ.setdefault(name, value)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
