@@ -20,6 +20,7 @@ import torch
 
 from raystages.spec import SpecError, load_spec
 from tests.conftest import ROOT
+from tests.run_helpers import logged_metrics
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +67,12 @@ def _spec(job: str, runs_dir: Path, name: str, policy: Path, *overrides: str):
                                            f"run.name={name}", *overrides])
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _check_run(result, spec, policy: Path, min_gain: float) -> dict:
     m = result.metrics
     assert m["aborted"] is None and m["iterations"] == spec.algo.iterations
     # Sampled responses on held-out prompts, fixed seeds: what RL optimises.
     assert m["sampled_reward_after"] >= m["sampled_reward_before"] + min_gain, m
-    rows = _metrics(result.run_dir)
+    rows = logged_metrics(result.run_dir)
     assert len(rows) == spec.algo.iterations
     assert max(r["kl_ref"] for r in rows) < spec.limits.max_kl
     # On-policy right after each sync: the learner recomputes what the engine reported.
@@ -123,7 +120,7 @@ def test_ppo_with_a_critic_raises_the_oracle_reward(ray_session, runs_dir, sft_p
                  "optim.lr=5e-4", "optim.warmup_steps=20", "limits.max_kl=5")
     result = rl.run(spec)
     m = _check_run(result, spec, sft_policy, min_gain=0.05)
-    rows = _metrics(result.run_dir)
+    rows = logged_metrics(result.run_dir)
     # The critic learns: its error on the GAE returns falls and it explains their variance.
     assert rows[-1]["value_error"] < 0.5 * rows[0]["value_error"]
     assert sum(r["explained_var"] for r in rows[-10:]) / 10 > 0.1
@@ -145,7 +142,7 @@ def test_kl_blowup_aborts_cleanly_with_a_final_checkpoint_hf_engine(ray_session,
     m = result.metrics
     assert m["aborted"] and "limits.max_kl" in m["aborted"]
     assert 2 <= m["iterations"] < 6  # iteration 1 runs on the reference weights: KL 0
-    rows = _metrics(result.run_dir)
+    rows = logged_metrics(result.run_dir)
     assert rows[-1]["kl_ref"] > 0.05 and all(r["kl_ref"] <= 0.05 for r in rows[:-1])
     assert max(r["logprob_gap_mean"] for r in rows) < 1e-4  # the HF engine is on-policy too
     # The final checkpoint holds the weights of the last update, not the starting policy.
@@ -172,7 +169,7 @@ def test_one_step_off_policy_then_a_rerun_resumes_from_the_checkpoint(ray_sessio
     spec = _spec("grpo.yaml", runs_dir, "offpolicy-test", sft_policy, "algo.iterations=4",
                  "algo.one_step_off_policy=true", *common)
     rl.run(spec)
-    rows = _metrics(spec.run_dir())
+    rows = logged_metrics(spec.run_dir())
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     # Batch k+1 was generated during update k, with the weights from before it.
     batch = spec.algo.prompts_per_iteration * spec.algo.group_size
@@ -188,7 +185,7 @@ def test_one_step_off_policy_then_a_rerun_resumes_from_the_checkpoint(ray_sessio
     # Same run name, more iterations: continues from the end with the learner's saved state.
     more = _spec("grpo.yaml", runs_dir, "offpolicy-test", sft_policy, "algo.iterations=5", *common)
     result = rl.run(more)
-    rows = _metrics(spec.run_dir())
+    rows = logged_metrics(spec.run_dir())
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[4]["resumed_from"] == 4 and rows[4]["version"] == 5 and "resumed_from" not in rows[3]
     assert rows[4]["kl_ref"] > 0 and rows[4]["stale_rollouts"] == 0  # resumed weights, synced to the actors
@@ -197,7 +194,7 @@ def test_one_step_off_policy_then_a_rerun_resumes_from_the_checkpoint(ray_sessio
 
     # Once more: the run has ended, so it hands back its export without training.
     again = rl.run(more)
-    assert len(_metrics(spec.run_dir())) == 5 and again.metrics["iterations"] == 5
+    assert len(logged_metrics(spec.run_dir())) == 5 and again.metrics["iterations"] == 5
     assert (again.export_dir / "config.json").is_file()
 
 
@@ -227,7 +224,7 @@ def test_a_killed_learner_worker_restarts_the_group_from_the_last_checkpoint(ray
 
     result = rl.run(spec, hooks={"before_submit": kill_rank1})
     assert marker.exists()
-    rows = _metrics(run_dir)
+    rows = logged_metrics(run_dir)
     # Iteration 3 ran, rank 1 died before 4; the new group resumed from the checkpoint at 2
     # and ran 3 again.
     assert [r["iteration"] for r in rows] == [1, 2, 3, 3, 4, 5], [r["iteration"] for r in rows]
@@ -270,7 +267,7 @@ def test_zero3_learner_shards_reference_and_reward_model_and_syncs_in_buckets(ra
         assert full > 0 and local <= 0.55 * full, (name, local, full)  # half, plus padding
     policy_bytes = 4 * shards["policy"][1]
     assert shards["buckets"] >= policy_bytes / (0.1 * 2**20) - 1 and shards["buckets"] > 3
-    rows = _metrics(result.run_dir)
+    rows = logged_metrics(result.run_dir)
     assert [r["iteration"] for r in rows] == [1, 2]
     # Iteration 1 is on the reference weights: the sharded reference gives the policy's log-probs.
     assert rows[0]["kl_ref"] < 1e-6 and rows[1]["kl_ref"] > 0
@@ -308,7 +305,7 @@ def test_lora_syncs_merged_weights_and_exports_a_merged_policy(job, ray_session,
     assert not seen["ref_model"] and list(seen["trained"]) == (["policy", "critic"] if spec.algo.name == "ppo"
                                                                else ["policy"])
     assert all(0 < trainable < 0.1 * total for trainable, total in seen["trained"].values()), seen
-    rows = _metrics(result.run_dir)
+    rows = logged_metrics(result.run_dir)
     # Iteration 1 is on the parent's weights (LoRA's B starts at 0), then the policy moves.
     assert rows[0]["kl_ref"] < 1e-6 and rows[-1]["kl_ref"] > 0
     assert max(r["logprob_gap_mean"] for r in rows) < 1e-4  # the merged weights are the learner's
