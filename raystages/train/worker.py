@@ -107,6 +107,7 @@ def train_loop(config: dict) -> None:
     flops_tok = flops_per_token(model_config, n_params, spec.optim.seq_len)
     val_batches = _first_batches(ray.train.get_dataset_shard("val"), spec.optim.micro_batch_size,
                                  engine.device, spec.run.eval_batches)
+    startup_marks.append(("held-out data", time.time()))  # the held-out batches read
 
     def evaluate() -> dict:
         engine.eval()
