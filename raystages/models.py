@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from raystages import atomic
 
 # Llama-architecture presets. Head sizes are 32/64/128 so the same checkpoints run in
 # vLLM's CPU backend. The small ones tie embeddings (a big share of their parameters).
@@ -117,7 +117,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLik
         tokenizer_object=tok, eos_token=SPECIAL_TOKENS["eos"], bos_token=None,
         pad_token=SPECIAL_TOKENS["pad"], additional_special_tokens=SPECIAL_TOKENS["extra"])
     hf.chat_template = CHAT_TEMPLATE
-    save_atomically(hf.save_pretrained, out_dir)
+    atomic.write_dir(hf.save_pretrained, out_dir)
     return hf
 
 
@@ -150,7 +150,7 @@ def train_wordpiece_tokenizer(texts: list[str], vocab_size: int, out_dir: str | 
     # and in a user's `model(**tokenizer(a, b))` alike.
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=["input_ids", "token_type_ids", "attention_mask"],
                                  **ENCODER_SPECIALS)
-    save_atomically(hf.save_pretrained, out_dir)
+    atomic.write_dir(hf.save_pretrained, out_dir)
     return hf
 
 
@@ -327,27 +327,7 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[st
         for name, obj in (extra_files or {}).items():
             Path(tmp, name).write_text(json.dumps(obj, indent=2, default=str))
 
-    save_atomically(write, out_dir)
-
-
-def save_atomically(write, out_dir: str | os.PathLike) -> None:
-    """``write(tmp)`` into a fresh folder beside ``out_dir``, then renamed into place: a crash
-    part-way leaves ``out_dir`` as it was, never half written."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic.write_dir(write, out_dir)
 
 
 def tokenizer_digest(path: str | None) -> str | None:

@@ -30,6 +30,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raystages import atomic
+
 from raystages.models import fresh_weights
 from raystages.registry import ORDER, STAGES, stage_module
 from raystages.spec import (SpecError, StageSpec, apply_overrides, parse_spec, read_yaml_mapping,
@@ -215,9 +217,7 @@ def _scalars(metrics: dict) -> dict:
 
 
 def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(state, indent=2, default=str))
 
 
 def lineage_chain(checkpoint) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -40,3 +41,22 @@ def kill_a_worker_past_a_checkpoint(run_dir: Path, checkpoint_every: int, timeou
         time.sleep(0.1)
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     os.kill(workers[0].pid, signal.SIGKILL)
+
+
+def run_killing_a_worker(run, spec, checkpoint_every: int):
+    """``run(spec)`` (a stage's run) with one worker killed past a checkpoint, as above; its result."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = run(spec)
+        except BaseException as e:  # noqa: BLE001 - raised again in the test's thread
+            out["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    kill_a_worker_past_a_checkpoint(spec.run_dir(), checkpoint_every)
+    thread.join(timeout=600)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]

@@ -10,7 +10,7 @@ import pytest
 from raystages import cli
 from raystages.spec import load_spec
 from tests.conftest import ROOT, TASK, shared_data
-from tests.run_helpers import kill_a_worker_past_a_checkpoint, logged_metrics
+from tests.run_helpers import logged_metrics, run_killing_a_worker
 
 BAD_DPO_SPECS = [
     (["dpo.beta=0"], "dpo.beta"),
@@ -227,7 +227,6 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_a_rerun_returns_the_ex
     reference is rebuilt with it), and rerunning the finished run hands back its export
     without training again."""
     import math
-    import threading
 
     from raystages.stages import dpo
 
@@ -236,12 +235,7 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_a_rerun_returns_the_ex
         "dpo.rpo_alpha=0", "dpo.eval_prompts=0", "deepspeed.zero_stage=3", "data.builtin.num_train=640",
         "data.builtin.num_val=64", "optim.max_steps=60", "optim.micro_batch_size=8", "run.checkpoint_every=20",
         "run.max_failures=2", "logging.log_every=5", "run.eval_every=1000", "scaling.cpus_per_worker=0.5"])
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.setdefault("result", dpo.run(spec)))
-    thread.start()
-    kill_a_worker_past_a_checkpoint(spec.run_dir(), 20)
-    thread.join(timeout=600)
-    result = out["result"]
+    result = run_killing_a_worker(dpo.run, spec, 20)
     rows = logged_metrics(spec.run_dir())
     steps = [r["step"] for r in rows]
     # Some steps ran twice after the restart, which began at a checkpoint, not at step 0.

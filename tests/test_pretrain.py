@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from raystages.spec import load_spec
 from raystages.stages import pretrain
 from tests.conftest import ROOT
-from tests.run_helpers import kill_a_worker_past_a_checkpoint, logged_metrics, wait_for_registered_checkpoint
+from tests.run_helpers import logged_metrics, run_killing_a_worker, wait_for_registered_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -70,12 +69,7 @@ def test_zero3_export_equals_the_sharded_training_state(ray_session, runs_dir):
 def test_killed_worker_restarts_from_last_checkpoint(ray_session, runs_dir):
     spec = _nano_spec(runs_dir, "worker-kill", "optim.max_steps=300", "run.checkpoint_every=40",
                       "run.max_failures=2")
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.setdefault("result", pretrain.run(spec)))
-    thread.start()
-    kill_a_worker_past_a_checkpoint(spec.run_dir(), 40)
-    thread.join(timeout=600)
-    result = out["result"]
+    result = run_killing_a_worker(pretrain.run, spec, 40)
     assert result.metrics["step"] == 300
     steps = [m["step"] for m in logged_metrics(spec.run_dir())]
     # After the restart the group continued from the checkpoint, so some steps ran twice,

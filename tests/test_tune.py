@@ -111,3 +111,34 @@ def test_rl_trials_report_each_iteration_and_stop_on_a_kl_bound(ray_session, run
     # One Tune report per iteration, until the first one whose KL passed the bound.
     first_over = next(r["step"] for r in logged if r["kl_ref"] > 1e-9)
     assert row["status"] == "OK" and row["step"] == row["reports"] == first_over < 6, (row, logged)
+
+
+@pytest.mark.slow
+def test_dpo_trials_with_and_without_a_reference_report_and_the_best_spec_parses(ray_session, runs_dir,
+                                                                                  random_checkpoint, tmp_path):
+    """DPO through Tune: a grid over the loss, sigmoid (the frozen reference model on the
+    engine) and ORPO (no reference), each trial a Ray Train run that reports its held-out
+    reward accuracy; the best comes back as a dpo spec."""
+    raw = {"stage": "dpo", "model": {"path": str(random_checkpoint)},
+           "data": {"builtin": {"num_train": 320, "num_val": 64, "min_len": 3, "max_len": 4}},
+           "dpo": {"rpo_alpha": 0, "eval_prompts": 0},
+           "optim": {"max_steps": 10, "micro_batch_size": 8, "warmup_steps": 0, "schedule": "constant"},
+           "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+           "run": {"name": "tune-dpo", "storage_path": str(runs_dir), "checkpoint_every": 5, "eval_every": 5,
+                   "eval_batches": 2},
+           "logging": {"tensorboard": False, "log_every": 5},
+           "tune": {"metric": "val_reward_accuracy", "mode": "max", "max_concurrent": 2,
+                    "search_space": {"dpo.loss": {"grid": ["sigmoid", "orpo"]}}}}
+    spec, tune = load_tune(_write(tmp_path, raw))
+    result = run_tune(spec, tune)
+    rows = {r["dpo.loss"]: r for r in result.rows}
+    assert set(rows) == {"sigmoid", "orpo"}
+    for row in rows.values():
+        assert row["status"] == "OK" and row["step"] == 10 and row["reports"] >= 2, row
+        assert 0 <= row["val_reward_accuracy"] <= 1
+    top = max(r["val_reward_accuracy"] for r in rows.values())
+    best = result.best_config["dpo.loss"]  # either, on a tie
+    assert set(result.best_config) == {"dpo.loss"} and rows[best]["val_reward_accuracy"] == result.best_metric == top
+    best_spec = load_spec(result.best_spec)
+    assert best_spec.stage == "dpo" and best_spec.dpo.loss == best and best_spec.run.name == "tune-dpo-best"
+    assert json.loads((result.best_checkpoint / "lineage.json").read_text())["stage"] == "dpo"

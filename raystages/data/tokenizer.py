@@ -19,8 +19,8 @@ def prepare_tokenizer(spec, training_texts: Iterable[str]) -> str:
     documents are read, and only when training.
     A rerun reuses the tokenizer already there, so a resumed run keeps its vocabulary.
     """
-    from raystages.models import (is_encoder_preset, load_tokenizer, save_atomically, train_tokenizer,
-                                  train_wordpiece_tokenizer)
+    from raystages import atomic
+    from raystages.models import is_encoder_preset, load_tokenizer, train_tokenizer, train_wordpiece_tokenizer
 
     out = spec.run_dir() / TOKENIZER_DIR
     if (out / "tokenizer_config.json").is_file():
@@ -28,7 +28,7 @@ def prepare_tokenizer(spec, training_texts: Iterable[str]) -> str:
     source = spec.tokenizer.path or spec.model.path
     if source:
         tok = load_tokenizer(source, spec.model.trust_remote_code)
-        save_atomically(tok.save_pretrained, out)  # a rerun reuses whatever is there
+        atomic.write_dir(tok.save_pretrained, out)  # a rerun reuses whatever is there
     else:
         texts = list(islice(training_texts, spec.tokenizer.train_docs))
         if is_encoder_preset(spec.model.preset):

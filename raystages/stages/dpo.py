@@ -17,9 +17,10 @@ driver also answers held-out prompts greedily with the parent and the export.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from raystages import atomic
 
 from raystages.train.stage import Stage
 
@@ -163,15 +164,8 @@ def with_reference_logps(spec, tokenizer_dir: str, arrays: dict, split: str) -> 
     s = spec.scaling
     task = ray.remote(num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0)(reference_logps)
     ref = ray.get(task.remote(spec, tokenizer_dir, arrays))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside and renamed into place: a crash mid-write leaves no cache a resume would read.
-    partial = cache.with_name(f".{cache.name}.{os.getpid()}.partial")
-    try:
-        with open(partial, "wb") as f:
-            np.savez(f, digest=h.hexdigest(), **ref)
-        os.replace(partial, cache)
-    finally:
-        partial.unlink(missing_ok=True)
+    # A crash mid-write leaves no cache a resume would read.
+    atomic.write_file(lambda f: np.savez(f, digest=h.hexdigest(), **ref), cache)
     return arrays | ref
 
 

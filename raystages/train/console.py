@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from raystages import atomic
+
 VERBOSE_ENV = "RAYSTAGES_VERBOSE"
 LOGS_DIR = "logs"
 
@@ -94,9 +96,7 @@ def write_startup(run_dir: str | Path, driver: dict, worker_marks: list[tuple[st
     marks = [*driver["marks"], *worker_marks]
     startup = {"phases": phase_seconds(driver["t0"], marks),
                "seconds_to_first_step": round(marks[-1][1] - driver["t0"], 2), "t0": driver["t0"]}
-    tmp = Path(run_dir) / f".{STARTUP_FILE}.tmp"
-    tmp.write_text(json.dumps(startup))
-    tmp.replace(Path(run_dir) / STARTUP_FILE)
+    atomic.write_text(Path(run_dir) / STARTUP_FILE, json.dumps(startup))
     return startup
 
 

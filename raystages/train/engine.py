@@ -21,13 +21,14 @@ its evaluation; this module owns everything about the distributed job around the
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
+
+from raystages import atomic
 
 FINAL_MARKER = "final.json"  # in the last checkpoint: the run ended; its final metrics
 EXPORT_SUBDIR = "hf"  # the final checkpoint's Hugging Face export
@@ -88,12 +89,7 @@ def collect(result, export_dir: Path, label: str) -> dict:
 
 def copy_export(src: Path, dst: Path) -> None:
     """Replace ``dst`` by a copy of ``src``; a crash mid-copy leaves ``dst`` as it was."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.rename(tmp, dst)
+    atomic.write_dir(lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True), dst)
 
 
 # -- worker side: models ----------------------------------------------------------------
