@@ -55,8 +55,10 @@ def run_killing_a_worker(run, spec, checkpoint_every: int):
 
     thread = threading.Thread(target=target)
     thread.start()
-    kill_a_worker_past_a_checkpoint(spec.run_dir(), checkpoint_every)
-    thread.join(timeout=600)
-    if "error" in out:
-        raise out["error"]
+    try:
+        kill_a_worker_past_a_checkpoint(spec.run_dir(), checkpoint_every)
+    finally:  # a run that failed before its checkpoint reports its own error, not the wait's
+        thread.join(timeout=600)
+        if "error" in out:
+            raise out["error"]
     return out["result"]
