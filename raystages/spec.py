@@ -94,6 +94,7 @@ class DeepSpeedSpec(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage 0–3.")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer state on CPU (compiles DeepSpeed's CPU Adam once).")
     offload_param: bool = Field(False, description="ZeRO-3 parameters on CPU.")
+    bucket_mb: float = Field(32.0, gt=0, description="ZeRO's gradient buckets (reduce, and allgather for stages 1-2): the gradient memory a rank holds beyond its shard. Larger means fewer, bigger collectives: on GPUs DeepSpeed's own default is 5e8 elements. Under ZeRO-3 each layer's gathered parameters are also released right after use.")
     config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config merged over the generated one.")
 
     @model_validator(mode="after")

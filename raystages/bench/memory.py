@@ -7,15 +7,16 @@ and a reward model on the same weights, then runs the real RL stage — PPO with
 (from the reward model), ZeRO-3, a reference policy and a reward model held as the engine's
 frozen models — at 1 and at 2 learner workers, one after the other in this invocation.
 Every iteration records the largest peak resident memory of any learner rank
-(``rank_peak_rss_mb``) and rank 0's memory growth inside the weight sync's bucket gathers
+(``rank_peak_rss_mb``) and rank 0's heap growth inside the weight sync's bucket gathers
 (``sync_extra_peak_mb``). Prints one JSON object: ``per_rank_peak_rss_mb`` per world size,
-``ratio_2_over_1`` (target <= 0.65) and ``sync_extra_peak_mb`` with ``sync_bucket_mb``
-(target <= 2 x bucket).
+``ratio_2_over_1`` (target <= 0.65), ``sync_extra_peak_mb`` with ``sync_bucket_mb``
+(target <= 2 x bucket) and the median ``iteration_s`` per world size.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -25,10 +26,12 @@ DEFAULTS = {"hidden": 768, "layers": 7, "intermediate": 2048, "heads": 12, "iter
             "micro_batch_size": 4, "max_new_tokens": 16, "bucket_mb": 16.0}
 
 
-def _peaks(run_dir: Path) -> tuple[float, list[float]]:
-    """The run's largest ``rank_peak_rss_mb``, and its ``sync_extra_peak_mb`` per iteration."""
+def _peaks(run_dir: Path) -> tuple[float, list[float], float]:
+    """The run's largest ``rank_peak_rss_mb``, its ``sync_extra_peak_mb`` per iteration and
+    its median seconds per iteration."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return max(r["rank_peak_rss_mb"] for r in rows), [round(r["sync_extra_peak_mb"], 1) for r in rows]
+    return (max(r["rank_peak_rss_mb"] for r in rows), [round(r["sync_extra_peak_mb"], 1) for r in rows],
+            round(statistics.median(r["iteration_s"] for r in rows), 2))
 
 
 def run(overrides: list[str] | None = None) -> dict:
@@ -54,7 +57,8 @@ def run(overrides: list[str] | None = None) -> dict:
                                                  "ppo_epochs": 1, "off_policy": False, "num_workers": world,
                                                  "zero_stage": 3},
                             rollout={"engine": "hf", "sync_bucket_mb": o["bucket_mb"]}, name=f"bench-memory-{world}")
-            rss, extra = _peaks(rl.run(spec).run_dir)
+            rss, extra, seconds = _peaks(rl.run(spec).run_dir)
+            out.setdefault("iteration_s", {})[str(world)] = seconds
             out["per_rank_peak_rss_mb"][str(world)] = round(rss, 1)
             out["sync_extra_peak_mb"][str(world)] = max(extra)
             out.setdefault("sync_extra_peak_mb_by_iteration", {})[str(world)] = extra

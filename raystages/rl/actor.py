@@ -133,6 +133,12 @@ class RolloutPool:
     def generate(self, prompt_ids, seeds, temperature, max_new_tokens) -> list[Generation]:
         return self.collect(self.submit(prompt_ids, seeds, temperature, max_new_tokens))
 
+    def drop_weights(self) -> None:
+        """Release the last sync's buckets (a new version is about to be put): a replacement
+        spawned before the next :meth:`update_weights` starts from the checkpoint, and that
+        call then loads the new version into it like every other actor."""
+        self.weights_ref = None
+
     def update_weights(self, weights_ref: list, version: int) -> None:
         """Every actor loads the weights behind ``weights_ref`` (the sync's bucket refs) as ``version``."""
         self.weights_ref, self.weights_version = weights_ref, version

@@ -109,6 +109,7 @@ class Learner:
         elif model_src and rank == 0:
             # Re-tokenised text is scored by the controller alone: only rank 0 holds it.
             self.rm = RewardModelScorer(model_src[0].ref, True, spec.reward.normalize_model, device)
+        engine.return_free_memory()  # the whole copies each model was loaded as, before sharding
 
     # -- between ranks ---------------------------------------------------------------------
 
@@ -194,15 +195,21 @@ class Learner:
         bucket in the object store (a copy into shared memory), released before the next.
         Returns ``(refs, bytes, extra_mb)`` on rank 0 (``(None, 0, 0.0)`` elsewhere): ``refs``
         is a plain list, so Ray passes the references on instead of resolving them;
-        ``extra_mb`` is rank 0's largest growth of private memory (USS) over its level before
-        the sync, measured inside each bucket's gather, where the sync's peak is."""
+        ``extra_mb`` is rank 0's largest growth of its own heap (resident anonymous memory)
+        over its level before the sync, measured inside each bucket's gather, where the sync's
+        peak is. The buckets' copies in the object store are not in it: that is the node's
+        shared memory (``ray.put`` maps its pages into this process too, so they show in RSS),
+        which holds the one published version until the next sync drops it."""
         import psutil
         import ray
 
         from raystages.rl.sync import bucket_payload
 
-        me = psutil.Process()
-        base = me.memory_full_info().uss if self.rank == 0 else 0
+        def heap() -> int:
+            m = psutil.Process().memory_info()
+            return m.rss - getattr(m, "shared", 0)  # Linux: file-backed and shared pages
+
+        base = heap() if self.rank == 0 else 0
         refs, nbytes, extra = [], 0, 0
         for named in self.weight_buckets():
             with self.gathered([p for _, p, _ in named]):
@@ -210,7 +217,7 @@ class Learner:
                     tensors = bucket_payload(named)
                     nbytes += sum(t.numel() * t.element_size() for _, t in tensors)
                     refs.append(ray.put(tensors))
-                    extra = max(extra, me.memory_full_info().uss - base)
+                    extra = max(extra, heap() - base)
                     del tensors
         return (refs, nbytes, extra / 2**20) if self.rank == 0 else (None, 0, 0.0)
 

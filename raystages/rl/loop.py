@@ -304,7 +304,9 @@ def train(ctx: Context, state: LoopState, log=None) -> dict:
         t1 = time.perf_counter()
         stats = learner.update(batch, plan["kl_coef"], it)
         t_update = time.perf_counter() - t1
-        metrics |= stats | ctx.sync.sync() | {"rank_peak_rss_mb": learner.peak_rss_mb()}
+        metrics |= stats | ctx.sync.sync()
+        engine.return_free_memory()  # before the next iteration's rollouts and forward passes
+        metrics["rank_peak_rss_mb"] = learner.peak_rss_mb()
         state.iteration, state.version = it + 1, ctx.sync.version
         if ctx.controller:
             kl.update(metrics["kl_ref_k1"], len(gens))

@@ -60,6 +60,8 @@ class WeightSync:
         if self.use_nccl:
             nbytes = _nccl_sync(self.learner, self.pool, version)
         else:
+            if self.pool is not None:
+                self.pool.drop_weights()  # so the object store holds one version, not two
             refs, nbytes, extra_mb = self.learner.publish_weights()
             extra = {"sync_extra_peak_mb": extra_mb}
             t_pub = time.perf_counter() - t0
