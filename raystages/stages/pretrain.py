@@ -13,7 +13,6 @@ and DeepSpeed ZeRO trains the model. The run ends with a Hugging Face export in
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from itertools import islice
@@ -111,7 +110,7 @@ def prepare(spec):
 
 def run(spec) -> "StageResult":
     from raystages.data.order import read_blocks, shard_order
-    from raystages.train.runner import EXPORT_DIR, StageResult, run_training, write_lineage
+    from raystages.train.runner import EXPORT_DIR, finish_stage, run_training
 
     started = time.time()
     tokenizer_dir, cache = prepare(spec)
@@ -143,13 +142,9 @@ def run(spec) -> "StageResult":
                    skipped_rows=cache.manifest["skipped"])
     metrics["wall_s"] = round(time.time() - started, 1)
     export = spec.run_dir() / EXPORT_DIR
-    write_lineage(spec, export, metrics, parent=spec.model.path)
     samples = sample_texts(export, spec, list(islice(sample_docs(spec, "val"), spec.run.samples)))
-    summary = {"stage": "pretrain", "export": str(export), "metrics": metrics,
-               "skipped": cache.manifest["skipped_notes"],
-               "skipped_by_reason": cache.manifest["skipped_by_reason"], "samples": samples}
-    (spec.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return StageResult("pretrain", spec.run_dir(), export, metrics | {"samples": samples})
+    return finish_stage(spec, export, metrics, spec.model.path, cache.manifest["skipped_notes"], samples,
+                        extra={"skipped_by_reason": cache.manifest["skipped_by_reason"]})
 
 
 def sample_texts(export_dir, spec, val_texts: list[str]) -> list[dict]:

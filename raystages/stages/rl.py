@@ -16,7 +16,6 @@ reward before/after and per-iteration health.
 
 from __future__ import annotations
 
-import json
 import time
 
 from raystages.preflight import preflight as preflight_checks
@@ -114,7 +113,7 @@ def run(spec, hooks: dict | None = None):
     from raystages.rl.loop import encode
     from raystages.spec import SpecError
     from raystages.train import engine
-    from raystages.train.runner import EXPORT_DIR, StageResult, connect_ray, save_run_spec, write_lineage
+    from raystages.train.runner import EXPORT_DIR, connect_ray, finish_stage, save_run_spec
 
     started = time.time()
     preflight_checks(spec)
@@ -150,9 +149,6 @@ def run(spec, hooks: dict | None = None):
                "wall_s": time.time() - started}
     metrics |= {k: v for k, v in result["last"].items() if isinstance(v, (int, float))
                 and k in ("reward", "reward_oracle", "kl_ref", "response_len", "logprob_gap_mean", "sync_bytes_per_s")}
-    write_lineage(spec, export, metrics, parent=spec.model.path)
-    summary = {"stage": "rl", "export": str(export), "checkpoint": fit.checkpoint.path, "metrics": metrics,
-               "before": result["before"], "after": result["after"], "history": result["history"],
-               "skipped": skipped[:20]}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return StageResult("rl", run_dir, export, metrics)
+    return finish_stage(spec, export, metrics, spec.model.path, skipped,
+                        extra={"checkpoint": fit.checkpoint.path, "before": result["before"],
+                               "after": result["after"], "history": result["history"]})

@@ -16,7 +16,6 @@ accuracy of each.
 
 from __future__ import annotations
 
-import json
 import time
 
 from raystages.stages.losses import IGNORE, masked_token_ce
@@ -114,8 +113,7 @@ def run(spec) -> "StageResult":
     from raystages.data.tokenizer import prepare_tokenizer
     from raystages.models import load_tokenizer
     from raystages.task.splits import sft_rows
-    from raystages.train.runner import (EXPORT_DIR, StageResult, connect_ray, run_training,
-                                        save_run_spec, write_lineage)
+    from raystages.train.runner import EXPORT_DIR, connect_ray, finish_stage, run_training, save_run_spec
 
     started = time.time()
     parent = check_parent(spec)
@@ -151,9 +149,4 @@ def run(spec) -> "StageResult":
         acc_after, samples = task_accuracy(str(export), tokenizer_dir, prompts, spec.sft.max_new_tokens)
         metrics.update(accuracy_before=acc_before, accuracy_after=acc_after, eval_prompts=len(prompts))
     metrics["wall_s"] = round(time.time() - started, 1)
-    write_lineage(spec, export, metrics, parent=parent)
-    samples = samples[: spec.run.samples]
-    summary = {"stage": "sft", "export": str(export), "parent": parent, "metrics": metrics,
-               "skipped": skipped[:20], "samples": samples}
-    (spec.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return StageResult("sft", spec.run_dir(), export, metrics | {"samples": samples})
+    return finish_stage(spec, export, metrics, parent, skipped, samples[: spec.run.samples])

@@ -17,7 +17,6 @@ load it, and writes those figures to ``summary.json`` and the lineage. The expor
 
 from __future__ import annotations
 
-import json
 import time
 
 from raystages.stages.label_losses import label_ce, label_hits
@@ -167,8 +166,7 @@ def run(spec) -> "StageResult":
     from raystages.models import load_tokenizer
     from raystages.stages.sft import check_parent, check_sizes, ray_dataset
     from raystages.task.labelling import classification_rows, tagging_rows
-    from raystages.train.runner import (EXPORT_DIR, StageResult, connect_ray, run_training,
-                                        save_run_spec, write_lineage)
+    from raystages.train.runner import EXPORT_DIR, connect_ray, finish_stage, run_training, save_run_spec
 
     started = time.time()
     task, head = spec.sft.task, spec.sft.head
@@ -193,8 +191,4 @@ def run(spec) -> "StageResult":
     metrics.update(task=task, labels=split.labels, class_weights=weights, train_examples=len(train),
                    val_examples=len(val), skipped_rows=len(split.skipped),
                    skipped_by_reason=skip_reasons(split.skipped), wall_s=round(time.time() - started, 1))
-    write_lineage(spec, export, metrics, parent=parent)
-    summary = {"stage": "sft", "task": task, "export": str(export), "parent": parent,
-               "metrics": metrics, "skipped": split.skipped[:20]}
-    (spec.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return StageResult("sft", spec.run_dir(), export, metrics)
+    return finish_stage(spec, export, metrics, parent, split.skipped, extra={"task": task})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from raystages import __version__
+from raystages import __version__, atomic
 from raystages.train.console import VERBOSE_ENV, capture_process_output, mark, take_driver_marks, verbose
 
 EXPORT_DIR = "model"
@@ -166,18 +166,19 @@ def write_lineage(spec, export_dir: Path, metrics: dict, parent: str | None) -> 
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "raystages_version": __version__,
     }
-    (export_dir / "lineage.json").write_text(json.dumps(lineage, indent=2, default=str))
+    atomic.write_text(export_dir / "lineage.json", json.dumps(lineage, indent=2, default=str))
     return lineage
 
 
 def finish_stage(spec, export_dir: Path, metrics: dict, parent: str | None, skipped: list[str],
-                 samples: list[dict] | None = None) -> StageResult:
+                 samples: list[dict] | None = None, extra: dict | None = None) -> StageResult:
     """The end of a stage run: ``lineage.json`` in the export, ``summary.json`` in the run dir
-    (the first 20 skipped-row notes; the greedy samples, when the stage has some)."""
+    (the first 20 skipped-row notes; the greedy samples, when the stage has some; the stage's
+    ``extra`` keys), each written whole or not at all."""
     write_lineage(spec, export_dir, metrics, parent=parent)
     summary = {"stage": spec.stage, "export": str(export_dir), "parent": parent, "metrics": metrics,
-               "skipped": skipped[:20]} | ({"samples": samples} if samples is not None else {})
-    (spec.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+               "skipped": skipped[:20]} | ({"samples": samples} if samples is not None else {}) | (extra or {})
+    atomic.write_text(spec.run_dir() / "summary.json", json.dumps(summary, indent=2, default=str))
     return StageResult(spec.stage, spec.run_dir(), export_dir,
                        metrics | ({"samples": samples} if samples is not None else {}))
 
