@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from raystages import atomic
 from raystages.pipeline import SCRATCH
 
 MODELS = ("pretrain", "sft", "dpo", "rl")
@@ -203,7 +204,7 @@ def write_report(pipe, state: dict) -> Path:
         md += ["", "## The same held-out prompts, stage by stage", "",
                "Each answer is greedy; scored by the reward model (logit) and the task's oracle (1.0 = exact).", "",
                table]
-    (root / "report.md").write_text("\n".join(md) + "\n")
-    (root / "report.json").write_text(json.dumps({"stages": state["stages"], "side_by_side_means": means,
-                                                   "plots": pngs}, indent=2, default=str))
+    atomic.write_text(root / "report.md", "\n".join(md) + "\n")
+    atomic.write_text(root / "report.json", json.dumps({"stages": state["stages"], "side_by_side_means": means,
+                                                        "plots": pngs}, indent=2, default=str))
     return root / "report.md"

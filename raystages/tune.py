@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from raystages import atomic
 from raystages.spec import (SpecError, StageSpec, apply_overrides, parse_spec, read_yaml_mapping, set_dotted,
                             validation_lines)
 from raystages.registry import stage_module
@@ -203,10 +204,10 @@ def summarize(spec: StageSpec, t: TuneSpec, grid, run_dir: Path) -> TuneResult:
     header = (f"# Best of `raystages tune` ({t.metric} {t.mode} = {best[t.metric]:.6g}): "
               + ", ".join(f"{k}={v}" for k, v in best_values.items())
               + f"\n# raystages {spec.stage} {best_spec}\n")
-    best_spec.write_text(header + yaml.safe_dump(best_raw, sort_keys=False))
+    atomic.write_text(best_spec, header + yaml.safe_dump(best_raw, sort_keys=False))
     table = _markdown(rows, keys, t.metric)
-    (run_dir / "tune_results.md").write_text(table)
-    (run_dir / "tune_results.json").write_text(json.dumps(
+    atomic.write_text(run_dir / "tune_results.md", table)
+    atomic.write_text(run_dir / "tune_results.json", json.dumps(
         {"metric": t.metric, "mode": t.mode, "rows": rows, "best": best}, indent=2, default=str))
     # A trial stopped early (ASHA, a `stop` bound) has no export.
     ckpt = Path(best["export_dir"]) if best.get("export_dir") else None

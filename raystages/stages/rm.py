@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 
+from raystages import atomic
 from raystages.stages.losses import pairwise_accuracy, pairwise_loss
 from raystages.train.stage import Stage
 
@@ -139,7 +140,7 @@ def run(spec) -> "StageResult":
     metrics = run_training(spec, RewardStage(spec.rm.center_coef), datasets, tokenizer_dir)
     export = spec.run_dir() / EXPORT_DIR
     stats = score_pairs(str(export), val_arrays)
-    (export / REWARD_STATS).write_text(json.dumps(stats, indent=2))
+    atomic.write_text(export / REWARD_STATS, json.dumps(stats, indent=2))
     metrics.update(stats, train_pairs=len(train), val_pairs=len(val), skipped_rows=len(skipped),
                    train_tokens=sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train),
                    skipped_by_reason=skip_reasons(skipped), wall_s=round(time.time() - started, 1))
