@@ -58,6 +58,27 @@ def test_overrides_are_typed_and_dotted():
         "model.config_overrides.num_hidden_layers=2"]).digest()
 
 
+def test_frozen_models_get_the_trained_models_deepspeed_config_without_its_training_keys():
+    """One config builder: a frozen reference or reward model is sharded and offloaded like the
+    policy, with the user's raw ``deepspeed.config`` merged, but gets no optimizer to build."""
+    from raystages.train.optim import deepspeed_config
+
+    spec = load_spec(ROOT / "jobs" / "pretrain.yaml", [
+        "deepspeed.zero_stage=3", "deepspeed.offload_param=true", "deepspeed.offload_optimizer=true",
+        "deepspeed.bucket_mb=1", "deepspeed.config.zero_optimization.contiguous_gradients=false",
+        "deepspeed.config.scheduler.type=WarmupLR"])
+    trained, frozen = deepspeed_config(spec), deepspeed_config(spec, trainable=False)
+    for key in ("optimizer", "scheduler", "gradient_accumulation_steps", "gradient_clipping"):
+        assert key in trained and key not in frozen
+    assert "offload_optimizer" in trained["zero_optimization"]
+    assert trained["zero_optimization"] == frozen["zero_optimization"] | {
+        "offload_optimizer": trained["zero_optimization"]["offload_optimizer"]}
+    assert frozen["zero_optimization"]["reduce_bucket_size"] == 2**20 // 4
+    assert frozen["zero_optimization"]["contiguous_gradients"] is False
+    assert frozen["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert frozen["train_micro_batch_size_per_gpu"] == spec.optim.micro_batch_size
+
+
 def _write(tmp_path, name, content, mode="w"):
     p = tmp_path / name
     if mode == "wb":

@@ -1,6 +1,6 @@
 """``raystages bench memory``: does the RL learner's memory per rank shrink as the group grows?
 
-    raystages bench memory [hidden=768 layers=7 iterations=3 batch=16 bucket_mb=16 ...]
+    raystages bench memory [hidden=768 layers=7 iterations=3 batch=16 sync_bucket_mb=16 ...]
 
 Builds a Llama policy of about 50M parameters locally (``hidden``/``layers``/``intermediate``)
 and a reward model on the same weights, then runs the real RL stage — PPO with a critic
@@ -23,7 +23,7 @@ from pathlib import Path
 from raystages.spec import parse_options
 
 DEFAULTS = {"hidden": 768, "layers": 7, "intermediate": 2048, "heads": 12, "iterations": 3, "batch": 16,
-            "micro_batch_size": 4, "max_new_tokens": 16, "bucket_mb": 16.0}
+            "micro_batch_size": 4, "max_new_tokens": 16, "sync_bucket_mb": 16.0}
 
 
 def _peaks(run_dir: Path) -> tuple[float, list[float], float]:
@@ -56,7 +56,7 @@ def run(overrides: list[str] | None = None) -> dict:
                                                  "max_new_tokens": o["max_new_tokens"], "iterations": o["iterations"],
                                                  "ppo_epochs": 1, "off_policy": False, "num_workers": world,
                                                  "zero_stage": 3},
-                            rollout={"engine": "hf", "sync_bucket_mb": o["bucket_mb"]}, name=f"bench-memory-{world}")
+                            rollout={"engine": "hf", "sync_bucket_mb": o["sync_bucket_mb"]}, name=f"bench-memory-{world}")
             rss, extra, seconds = _peaks(rl.run(spec).run_dir)
             out.setdefault("iteration_s", {})[str(world)] = seconds
             out["per_rank_peak_rss_mb"][str(world)] = round(rss, 1)
@@ -64,8 +64,8 @@ def run(overrides: list[str] | None = None) -> dict:
             out.setdefault("sync_extra_peak_mb_by_iteration", {})[str(world)] = extra
     peaks = out["per_rank_peak_rss_mb"]
     out["ratio_2_over_1"] = round(peaks["2"] / peaks["1"], 3)
-    out["sync_bucket_mb"] = o["bucket_mb"]
+    out["sync_bucket_mb"] = o["sync_bucket_mb"]
     worst_sync = max(out["sync_extra_peak_mb"].values())
     out["targets"] = {"ratio_2_over_1 <= 0.65": out["ratio_2_over_1"] <= 0.65,
-                      "sync_extra_peak_mb <= 2 x bucket": worst_sync <= 2 * o["bucket_mb"]}
+                      "sync_extra_peak_mb <= 2 x bucket": worst_sync <= 2 * o["sync_bucket_mb"]}
     return out

@@ -137,14 +137,9 @@ def frozen(model, spec, device):
         return model.to(device)
     import deepspeed
 
-    from raystages.train.optim import zero_buckets
+    from raystages.train.optim import deepspeed_config
 
-    zero: dict = {"stage": 3, **zero_buckets(spec, spec.optim.precision)}
-    if spec.deepspeed.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
-    config = {"train_micro_batch_size_per_gpu": spec.optim.micro_batch_size, "zero_optimization": zero,
-              "bf16": {"enabled": spec.optim.precision == "bf16"}, "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(spec, trainable=False))
     engine.eval()
     return engine
 
@@ -167,12 +162,21 @@ def return_free_memory() -> None:
     rank's resident memory only ratchets up: without this the RL learner entered each update
     ~300 MB (1 rank) to 500 MB (2 ranks) above its live data (``raystages bench memory``).
     """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
 
 
 # -- worker side: checkpoints -----------------------------------------------------------

@@ -5,12 +5,21 @@ from __future__ import annotations
 import math
 
 
-def deepspeed_config(spec, optim=None) -> dict:
+# Keys of a DeepSpeed config that only a trained model uses; a frozen model's engine (the
+# reference and reward models under ZeRO-3) is built from the same config without them.
+_TRAINING_KEYS = ("optimizer", "scheduler", "gradient_accumulation_steps", "gradient_clipping",
+                  "zero_allow_untested_optimizer")
+
+
+def deepspeed_config(spec, optim=None, trainable: bool = True) -> dict:
     """DeepSpeed's config for ``spec``, with the optimizer settings of ``optim`` (default
-    ``spec.optim``; the RL learner passes its own per model)."""
+    ``spec.optim``; the RL learner passes its own per model). ``trainable=False`` gives the
+    config of a frozen model placed like the trained one: the same ZeRO stage, buckets,
+    parameter offload, precision and user ``deepspeed.config``, without optimizer, schedule,
+    accumulation or clipping."""
     o, z = optim or spec.optim, spec.deepspeed
     zero: dict = {"stage": z.zero_stage}
-    if z.offload_optimizer:
+    if z.offload_optimizer and trainable:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
     if z.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
@@ -36,7 +45,12 @@ def deepspeed_config(spec, optim=None) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _merge(config, z.config)
+    config = _merge(config, z.config)
+    if not trainable:
+        for key in _TRAINING_KEYS:
+            config.pop(key, None)
+        config["zero_optimization"].pop("offload_optimizer", None)
+    return config
 
 
 def zero_buckets(spec, precision: str) -> dict:
