@@ -19,7 +19,7 @@ def deepspeed_config(spec, optim=None, trainable: bool = True) -> dict:
     accumulation or clipping."""
     o, z = optim or spec.optim, spec.deepspeed
     zero: dict = {"stage": z.zero_stage}
-    if z.offload_optimizer and trainable:
+    if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
     if z.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
@@ -49,7 +49,7 @@ def deepspeed_config(spec, optim=None, trainable: bool = True) -> dict:
     if not trainable:
         for key in _TRAINING_KEYS:
             config.pop(key, None)
-        config["zero_optimization"].pop("offload_optimizer", None)
+        config["zero_optimization"].pop("offload_optimizer", None)  # ours or the user's
     return config
 
 
