@@ -44,8 +44,9 @@ def _prepare(args) -> int:
     elif spec.stage == "sft" and spec.sft.task == "chat":
         prepare, unit, val_unit = sft.prepare, ("packed blocks" if spec.sft.packing else "examples"), "examples"
     else:
-        what = f"sft.task {spec.sft.task}" if spec.stage == "sft" else f"stage {spec.stage}"
-        raise SpecError(f"prepare: {what} reads its rows when it runs; prepare caches pretraining and chat SFT data")
+        raise SpecError(f"prepare: stage {spec.stage}"
+                        f"{' (sft.task ' + spec.sft.task + ')' if spec.stage == 'sft' else ''} reads its rows "
+                        "when it runs; prepare caches pretraining and chat SFT data")
     mark("spec")
     _, cache = prepare(spec)
     m = cache.manifest

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from raystages.data.sources import DataError, read_rows, skip_reason
+from raystages.data.sources import DataError, read_rows
 from raystages.data import IGNORE
 
 ROLES = ("system", "user", "assistant")
@@ -210,24 +210,19 @@ def load_split(data, convert: Callable, builtin_rows: Callable) -> tuple[list, l
 
 def skip_reasons(notes: list[str]) -> dict[str, int]:
     """Counts per reason of ``"where: reason: detail"`` notes, for run summaries."""
-    return dict(Counter(skip_reason(n.split(": ", 1)[1]) if ": " in n else n for n in notes))
+    return dict(Counter(n.split(": ")[1] if n.count(": ") >= 1 else n for n in notes))
 
 
 def pad_examples(examples: list[dict], pad_id: int) -> dict[str, np.ndarray]:
     """One example per row, right-padded to the longest: ``input_ids``, ``labels``,
     ``attention_mask``, each ``(N, L)`` int64."""
     width = max(len(e["input_ids"]) for e in examples)
-    rows = [padded(e, width, pad_id) for e in examples]
-    return {k: np.stack([r[k] for r in rows]) for k in ("input_ids", "labels", "attention_mask")}
-
-
-def padded(example: dict, width: int, pad_id: int) -> dict[str, np.ndarray]:
-    """One example of :func:`pad_examples`, right-padded to ``width``."""
-    n = len(example["input_ids"])
-    ids = np.full(width, pad_id, dtype=np.int64)
-    labels = np.full(width, IGNORE, dtype=np.int64)
-    mask = np.zeros(width, dtype=np.int64)
-    ids[:n], labels[:n], mask[:n] = example["input_ids"], example["labels"], 1
+    ids = np.full((len(examples), width), pad_id, dtype=np.int64)
+    labels = np.full((len(examples), width), IGNORE, dtype=np.int64)
+    mask = np.zeros((len(examples), width), dtype=np.int64)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = e["input_ids"], e["labels"], 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 

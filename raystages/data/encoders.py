@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
+
 from raystages.data import IGNORE
 
 
@@ -64,16 +66,13 @@ class ChatExamples:
         from raystages.spec import ChatFieldsSpec
 
         self.seq_len, self.pad = encoding["seq_len"], tokenizer.pad_token_id
-        # A row -> its list of examples (alpaca's instances: several).
-        self.convert = sft_converter(ChatFieldsSpec(**encoding["fields"]), tokenizer, self.seq_len,
-                                     encoding["truncate"])
+        convert = sft_converter(ChatFieldsSpec(**encoding["fields"]), tokenizer, self.seq_len, encoding["truncate"])
+        self.convert = convert  # a row -> its list of examples (alpaca's instances: several)
         self.packer = ExamplePacker(self.seq_len, self.pad) if encoding["packing"] else None
         self.examples = 0  # counted over the unit: the held-out rule is every n-th example
         self.counts = {"train_examples": 0, "val_examples": 0, "train_tokens": 0, "train_supervised_tokens": 0}
 
     def encode(self, rows: list[list[dict]], split: str, every: int) -> Iterator[tuple[str, dict]]:
-        from raystages.data.chat import padded
-
         for example in (e for row in rows for e in row):
             out = split
             if split == "holdout":
@@ -91,3 +90,12 @@ class ChatExamples:
     def close(self) -> Iterator[tuple[str, dict]]:
         return (("train", block) for block in (self.packer.flush() if self.packer else []))
 
+
+def padded(example: dict, width: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One example right-padded to ``width``: ``input_ids``, ``labels``, ``attention_mask``."""
+    n = len(example["input_ids"])
+    ids = np.full(width, pad_id, dtype=np.int64)
+    labels = np.full(width, IGNORE, dtype=np.int64)
+    mask = np.zeros(width, dtype=np.int64)
+    ids[:n], labels[:n], mask[:n] = example["input_ids"], example["labels"], 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-DOCS_PER_BATCH = 256  # rows (documents, conversations) handed to the encoder at once
+DOCS_PER_BATCH = 256  # documents tokenised per call of the fast tokenizer
 BLOCKS_PER_ROW_GROUP = 1024
 BLOCKS_PER_PART = 16384  # a large file becomes several shards, shuffled as units
 MAX_NOTES = 20
@@ -86,7 +86,7 @@ def write_unit(unit: dict, out_dir: str, tokenizer, encoding: dict, on_bad_row: 
     the first, so any unit of 2+ records has both.
     """
     from raystages.data.encoders import encoder_for
-    from raystages.data.sources import DataError, skip_reason
+    from raystages.data.sources import DataError
 
     encoder = encoder_for(encoding, tokenizer)
     writers = {s: _PartWriter(Path(out_dir) / s, unit["index"]) for s in ("train", "val")}
@@ -111,7 +111,7 @@ def write_unit(unit: dict, out_dir: str, tokenizer, encoding: dict, on_bad_row: 
                 out["error"] = f"{where}: {e}  (set data.on_bad_row=skip to skip such rows)"
                 break
             out["skipped"] += 1
-            reason = skip_reason(str(e))
+            reason = str(e).split(": ")[0]  # "too long: 130 tokens > ..." counts as "too long"
             out["reasons"][reason] = out["reasons"].get(reason, 0) + 1
             if len(out["notes"]) < MAX_NOTES:
                 out["notes"].append(f"{where}: {e}")
@@ -119,8 +119,7 @@ def write_unit(unit: dict, out_dir: str, tokenizer, encoding: dict, on_bad_row: 
             emit(encoder.encode(items, unit["split"], unit.get("every", 0)))
             items = []
     if not out["error"]:
-        if items:
-            emit(encoder.encode(items, unit["split"], unit.get("every", 0)))
+        emit(encoder.encode(items, unit["split"], unit.get("every", 0)) if items else ())
         emit(encoder.close())
     out["train_blocks"] = writers["train"].close()
     out["val_blocks"] = writers["val"].close()

@@ -163,12 +163,6 @@ def read_rows(source: str, convert: Callable[[object], object], on_bad_row: str 
     return out
 
 
-def skip_reason(message: str) -> str:
-    """The reason of a bad-row message, for counts per reason: ``"too long: 130 tokens >
-    ..."`` is ``"too long"``."""
-    return message.split(": ")[0]
-
-
 def text_of(field_name: str) -> Callable[[object], str]:
     """The text of a row's ``field_name``; a list of words (a tagging row's ``tokens``) is
     joined by single spaces, so labelled rows can serve as unlabelled pretraining text."""

@@ -9,9 +9,9 @@ packed (:mod:`raystages.data.encoders`). ``<key>`` hashes what the records depen
 source's fingerprint (each file's path, size and mtime; the built-in generator's parameters;
 a hub name and split), the held-out rule, ``max_rows``, the tokenizer's vocabulary digest
 and the encoding (its kind, ``seq_len``, and the objective and ``text_field``, or the chat
-fields, truncation and packing). Parquet of fixed-size records rather than a raw ``.bin``:
-any parquet reader opens it (``raystages.data.order.read_blocks`` streams it with Ray
-Data), one file per shard carries its own schema, and row groups give seekable chunks.
+fields, truncation and packing). Parquet of fixed-size blocks rather than a raw ``.bin``: any parquet reader
+opens it (``raystages.data.order.read_blocks`` streams it with Ray Data), one file per
+shard carries its own schema, and row groups give seekable chunks.
 
 A fill writes into ``.<key>.tmp-<uuid>/`` and renames it to ``<key>/`` after the manifest
 is written: a crash half-way leaves only a tmp folder that no reader looks at, and of two
@@ -116,14 +116,19 @@ def _units(spec, convert) -> list[dict]:
     if d.source == "builtin":
         b = d.builtin
         units = []
-        from raystages.task.splits import pretrain_texts, sft_rows
-
         for split, n in (("train", b.num_train), ("val", b.num_val)):
-            lengths = {"min_len": b.min_len, "max_len": b.max_len}
-            kind, items = (("rows", sft_rows(split, n, b.seed, **lengths)) if spec.stage == "sft" else
-                           ("texts", pretrain_texts(split, n, b.seed, noise=b.noise, **lengths)))
-            units += [{"split": split, kind: items[i:i + BUILTIN_DOCS_PER_UNIT], "first": i}
-                      for i in range(0, len(items), BUILTIN_DOCS_PER_UNIT)]
+            if spec.stage == "sft":
+                from raystages.task.splits import sft_rows
+
+                rows = sft_rows(split, n, b.seed, min_len=b.min_len, max_len=b.max_len)
+                units += [{"split": split, "rows": rows[i:i + BUILTIN_DOCS_PER_UNIT], "first": i}
+                          for i in range(0, len(rows), BUILTIN_DOCS_PER_UNIT)]
+            else:
+                from raystages.task.splits import pretrain_texts
+
+                texts = pretrain_texts(split, n, b.seed, noise=b.noise, min_len=b.min_len, max_len=b.max_len)
+                units += [{"split": split, "texts": texts[i:i + BUILTIN_DOCS_PER_UNIT]}
+                          for i in range(0, len(texts), BUILTIN_DOCS_PER_UNIT)]
         return [u | {"index": i} for i, u in enumerate(units)]
     every = holdout_every(spec)
     units = []
