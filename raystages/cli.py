@@ -34,24 +34,15 @@ def _run_stage(args) -> int:
 
 
 def _prepare(args) -> int:
-    from raystages.spec import SpecError, load_spec, read_yaml_mapping
-    from raystages.stages import pretrain, sft
+    from raystages.spec import load_spec
+    from raystages.stages import pretrain
 
-    stage = (read_yaml_mapping(args.spec).get("stage") if args.spec else None) or "pretrain"
-    spec = load_spec(args.spec, args.overrides, stage=stage)
-    if spec.stage == "pretrain":
-        prepare, unit, val_unit = pretrain.prepare, "blocks", "blocks"
-    elif spec.stage == "sft" and spec.sft.task == "chat":
-        prepare, unit, val_unit = sft.prepare, ("packed blocks" if spec.sft.packing else "examples"), "examples"
-    else:
-        raise SpecError(f"prepare: stage {spec.stage}"
-                        f"{' (sft.task ' + spec.sft.task + ')' if spec.stage == 'sft' else ''} reads its rows "
-                        "when it runs; prepare caches pretraining and chat SFT data")
+    spec = load_spec(args.spec, args.overrides, stage="pretrain")
     mark("spec")
-    _, cache = prepare(spec)
+    _, cache = pretrain.prepare(spec)
     m = cache.manifest
     print(f"token cache {'hit' if cache.hit else 'filled'}: {cache.path}\n"
-          f"  {m['blocks']['train']} train {unit} + {m['blocks']['val']} held-out {val_unit} of {spec.optim.seq_len} tokens "
+          f"  {m['blocks']['train']} train + {m['blocks']['val']} held-out blocks of {spec.optim.seq_len} tokens "
           f"from {m['rows']} rows ({m['skipped']} skipped)")
     return 0
 
@@ -89,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("spec", nargs="?", help="YAML job spec (default: the built-in defaults)")
         sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
         sp.set_defaults(func=_run_stage)
-    sp = sub.add_parser("prepare", help="tokenise a pretraining or chat SFT spec's data into the token cache")
-    sp.add_argument("spec", nargs="?", help="YAML pretraining or SFT spec (default: pretraining's built-in defaults)")
+    sp = sub.add_parser("prepare", help="tokenise and pack a pretraining spec's data into the token cache")
+    sp.add_argument("spec", nargs="?", help="YAML pretraining spec (default: the built-in defaults)")
     sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.source=corpus/")
     sp.set_defaults(func=_prepare)
     sp = sub.add_parser("spec", help="print a stage's full spec with defaults and overrides applied")

@@ -70,7 +70,7 @@ class DataSpec(Section):
     hub_split: str = Field("train", description="Split name for hub datasets.")
     on_bad_row: Literal["error", "skip"] = Field("error", description="A row without usable text: fail naming file and row, or skip and count it.")
     max_rows: int | None = Field(None, ge=1, description="Read at most this many rows.")
-    shuffle_buffer: int = Field(1024, ge=0, description="Pretraining and chat SFT: records (blocks, examples) in each worker's local shuffle buffer, reseeded every epoch (0: shard order only).")
+    shuffle_buffer: int = Field(1024, ge=0, description="Pretraining: blocks in each worker's local shuffle buffer, reseeded every epoch (0: shard order only).")
     builtin: BuiltinTaskSpec = Field(default_factory=BuiltinTaskSpec)
     # Whether the files exist is checked where the job runs (raystages.preflight).
 

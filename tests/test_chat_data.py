@@ -135,46 +135,6 @@ def test_padding_and_packing_layouts(tok):
     assert packed["labels"].tolist() == [[IGNORE, 2, 3, IGNORE, 5, IGNORE], [IGNORE, 7, 8, 9, IGNORE, IGNORE]]
 
 
-def test_the_cache_encoder_holds_out_every_nth_example_and_packs_the_rest_as_in_memory(tok):
-    """The token cache's chat records: every 3rd example (from the first) held out, padded
-    one per row to seq_len; the rest packed across batches exactly as one pack_examples
-    of them all; the counts the summary reports."""
-    from raystages.data.encoders import encoder_for
-    from raystages.task.splits import sft_rows
-
-    encoding = {"kind": "chat", "seq_len": 64, "fields": FIELDS.model_dump(mode="json"),
-                "truncate": False, "packing": True}
-    encoder = encoder_for(encoding, tok)
-    rows = [encoder.convert(r) for r in sft_rows("train", 20, min_len=3, max_len=4)]
-    records = [*encoder.encode(rows[:7], "holdout", 3), *encoder.encode(rows[7:], "holdout", 3), *encoder.close()]
-    examples = [e for r in rows for e in r]
-    val = [rec for split, rec in records if split == "val"]
-    train = [rec for split, rec in records if split == "train"]
-    padded = pad_examples(examples[::3], tok.pad_token_id)
-    assert len(val) == 7 and all(r["input_ids"].shape == (64,) for r in val)
-    width = padded["input_ids"].shape[1]
-    for k in ("input_ids", "labels", "attention_mask"):
-        assert [r[k][:width].tolist() for r in val] == padded[k].tolist()
-    assert all((r["attention_mask"][width:] == 0).all() for r in val)
-    packed = pack_examples([e for i, e in enumerate(examples) if i % 3], 64, tok.pad_token_id)
-    for k in ("input_ids", "labels", "position_ids"):
-        assert [r[k].tolist() for r in train] == packed[k].tolist()
-    assert encoder.counts["train_examples"] == 13 and encoder.counts["val_examples"] == 7
-    assert encoder.counts["train_supervised_tokens"] == sum(
-        sum(t != IGNORE for t in e["labels"][1:]) for i, e in enumerate(examples) if i % 3)
-
-
-def test_a_chat_file_without_conversations_exits_2_before_ray_starts(tmp_path, capsys, no_ray, random_checkpoint):
-    from raystages.cli import main
-    from tests.conftest import ROOT
-
-    data = _write_jsonl(tmp_path / "chat.jsonl", [{"question": "q", "answer": "a"}] * 3)
-    code = main(["sft", str(ROOT / "jobs" / "sft.yaml"), f"model.path={random_checkpoint}",
-                 f"data.source={data}", f"run.storage_path={tmp_path}"])
-    assert code == 2
-    assert f"data.source: {data}:line 1: no 'messages'" in capsys.readouterr().err
-
-
 def test_packed_examples_do_not_attend_to_each_other(random_checkpoint):
     """Logits of each example inside a packed block equal its logits alone."""
     from transformers import AutoModelForCausalLM

@@ -235,43 +235,24 @@ def pack_examples(examples: list[dict], seq_len: int, pad_id: int) -> dict[str, 
     attends to another. Each example's first label is ``-100``: it would be predicted
     from the previous example's last token.
     """
-    packer = ExamplePacker(seq_len, pad_id)
-    blocks = [*packer.feed(examples), *packer.flush()]
-    return {k: np.stack([b[k] for b in blocks]) for k in ("input_ids", "labels", "position_ids")}
-
-
-class ExamplePacker:
-    """:func:`pack_examples` over a stream: examples fed in any batches give the same blocks,
-    holding at most one partial block."""
-
-    def __init__(self, seq_len: int, pad_id: int):
-        self.seq_len, self.pad_id = seq_len, pad_id
-        self.block: list[dict] = []
-        self.used = 0
-
-    def feed(self, examples: list[dict]) -> list[dict[str, np.ndarray]]:
-        done = []
-        for e in examples:
-            if self.used + len(e["input_ids"]) > self.seq_len and self.block:
-                done.append(self._render())
-            self.block.append(e)
-            self.used += len(e["input_ids"])
-        return done
-
-    def flush(self) -> list[dict[str, np.ndarray]]:
-        return [self._render()] if self.block else []
-
-    def _render(self) -> dict[str, np.ndarray]:
-        ids = np.full(self.seq_len, self.pad_id, dtype=np.int64)
-        labels = np.full(self.seq_len, IGNORE, dtype=np.int64)
-        pos = np.arange(self.seq_len, dtype=np.int64)
+    blocks: list[list[dict]] = [[]]
+    used = 0
+    for e in examples:
+        if used + len(e["input_ids"]) > seq_len and blocks[-1]:
+            blocks.append([])
+            used = 0
+        blocks[-1].append(e)
+        used += len(e["input_ids"])
+    ids = np.full((len(blocks), seq_len), pad_id, dtype=np.int64)
+    labels = np.full((len(blocks), seq_len), IGNORE, dtype=np.int64)
+    pos = np.tile(np.arange(seq_len, dtype=np.int64), (len(blocks), 1))
+    for b, block in enumerate(blocks):
         at = 0
-        for e in self.block:
+        for e in block:
             n = len(e["input_ids"])
-            ids[at:at + n], labels[at:at + n] = e["input_ids"], e["labels"]
-            labels[at] = IGNORE
-            pos[at:at + n] = np.arange(n)
+            ids[b, at:at + n], labels[b, at:at + n] = e["input_ids"], e["labels"]
+            labels[b, at] = IGNORE
+            pos[b, at:at + n] = np.arange(n)
             at += n
-        pos[at:] = np.arange(self.seq_len - at)  # the padding tail is a segment of its own
-        self.block, self.used = [], 0
-        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+        pos[b, at:] = np.arange(seq_len - at)  # the padding tail is a segment of its own
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}

@@ -31,14 +31,13 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def _read_shards(batch: dict):
-    """Ray Data ``map_batches`` generator: shard paths in, their records out as ``int64``
+    """Ray Data ``map_batches`` generator: shard paths in, their blocks out as ``int64``
     (stored as int32: half the disk; the losses index with int64), a row group at a time."""
     import pyarrow.parquet as pq
 
     for path in batch["path"]:
         for group in pq.ParquetFile(str(path)).iter_batches():
-            yield {name: np.stack(group.column(name).to_numpy(zero_copy_only=False)).astype(np.int64)
-                   for name in group.schema.names}
+            yield {"input_ids": np.stack(group.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)}
 
 
 # Reader tasks at once. Asking for no CPU, nothing else would cap them: Ray Data would
@@ -49,8 +48,7 @@ READERS = 2
 
 
 def read_blocks(files: list[str]):
-    """A lazy Ray Dataset of the records of cache shards (``input_ids`` blocks; chat
-    examples' ``input_ids``, ``labels`` and mask or positions), in ``files`` order.
+    """A lazy Ray Dataset of ``input_ids`` blocks from cache shards, in ``files`` order.
 
     Our own reader over the list of shards rather than ``read_parquet``: its tasks ask for
     no CPU. A shard read is I/O, and while the trainer's workers hold every CPU of the

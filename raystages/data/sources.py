@@ -179,34 +179,3 @@ def text_of(field_name: str) -> Callable[[object], str]:
             raise DataError(f"field {field_name!r} is empty")
         return value
     return convert
-
-
-HEAD_ROWS = 5
-
-
-def head_problems(data, convert: Callable[[object], object]) -> list[str]:
-    """Problems in the first rows of every file of ``data.source`` / ``data.val_source``, for
-    a stage's preflight: with ``on_bad_row=error`` any bad one among them, with ``skip``
-    only a file whose first rows are all bad. The cache fill still checks every row."""
-    from itertools import islice
-
-    out = []
-    for name in ("source", "val_source"):
-        value = getattr(data, name)
-        files = source_files(value) if value and value != "builtin" and not check_source(value) else None
-        for f in files or []:
-            bad, good = [], 0
-            try:
-                for where, row in islice(_file_rows(f), HEAD_ROWS):
-                    try:
-                        if isinstance(row, DataError):
-                            raise row
-                        convert(row)
-                        good += 1
-                    except DataError as e:
-                        bad.append(f"{where}: {e}")
-            except DataError as e:
-                bad.append(str(e))
-            if bad and (data.on_bad_row == "error" or not good):
-                out.append(f"data.{name}: {bad[0]}")
-    return out

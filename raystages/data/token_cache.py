@@ -1,15 +1,13 @@
 """The token cache: a source tokenised and packed once, read by every later run.
 
     runs/.cache/tokens/<key>/manifest.json        written last: its presence means complete
-                            train/part-<unit>-<k>.parquet   records, int32 x seq_len each:
-                            val/part-<unit>-<k>.parquet     input_ids (+ labels, mask/positions)
+                            train/part-<unit>-<k>.parquet   blocks: input_ids, int32 x seq_len
+                            val/part-<unit>-<k>.parquet
 
-Pretraining caches packed text blocks; chat SFT caches its examples, labelled and padded or
-packed (:mod:`raystages.data.encoders`). ``<key>`` hashes what the records depend on: the
-source's fingerprint (each file's path, size and mtime; the built-in generator's parameters;
-a hub name and split), the held-out rule, ``max_rows``, the tokenizer's vocabulary digest
-and the encoding (its kind, ``seq_len``, and the objective and ``text_field``, or the chat
-fields, truncation and packing). Parquet of fixed-size blocks rather than a raw ``.bin``: any parquet reader
+``<key>`` hashes what the blocks depend on: the source's fingerprint (each file's path, size
+and mtime; the built-in generator's parameters; a hub name and split), the held-out rule,
+``text_field``, ``max_rows``, the tokenizer's vocabulary digest, ``seq_len`` and the
+objective. Parquet of fixed-size blocks rather than a raw ``.bin``: any parquet reader
 opens it (``raystages.data.order.read_blocks`` streams it with Ray Data), one file per
 shard carries its own schema, and row groups give seekable chunks.
 
@@ -28,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT = 2  # 2: records of several columns (chat SFT), the encoding in the key
+FORMAT = 1
 CACHE_SUBDIR = Path(".cache") / "tokens"
 MANIFEST = "manifest.json"
 BUILTIN_DOCS_PER_UNIT = 256
@@ -48,23 +46,13 @@ def _files_fingerprint(source: str, hub_split: str) -> list | dict:
 
 
 def holdout_every(spec) -> int:
-    """Every n-th record of the source (block of text, chat example) is held out when there
-    is no ``val_source``."""
+    """Every n-th block of the source is held out when there is no ``val_source``."""
     d = spec.data
     return 0 if d.source == "builtin" or d.val_source else max(2, round(1 / d.val_fraction))
 
 
-def encoding_of(spec) -> dict:
-    """How ``spec``'s rows become records (:func:`raystages.data.encoders.encoder_for`)."""
-    if spec.stage == "sft":
-        return {"kind": "chat", "seq_len": spec.optim.seq_len, "fields": spec.sft.fields.model_dump(mode="json"),
-                "truncate": spec.sft.truncate, "packing": spec.sft.packing}
-    return {"kind": "text", "seq_len": spec.optim.seq_len, "objective": spec.objective,
-            "text_field": spec.data.text_field}
-
-
 def cache_key(spec, tokenizer_dir: str) -> tuple[str, dict]:
-    """(key, what it hashes): the same data, tokenizer and encoding give the same key."""
+    """(key, what it hashes): the same data, tokenizer and packing give the same key."""
     from raystages.models import tokenizer_digest
 
     d = spec.data
@@ -73,9 +61,9 @@ def cache_key(spec, tokenizer_dir: str) -> tuple[str, dict]:
     else:
         source = {"source": _files_fingerprint(d.source, d.hub_split),
                   "val_source": _files_fingerprint(d.val_source, d.hub_split) if d.val_source else None,
-                  "holdout_every": holdout_every(spec), "max_rows": d.max_rows}
+                  "holdout_every": holdout_every(spec), "text_field": d.text_field, "max_rows": d.max_rows}
     described = {"format": FORMAT, **source, "tokenizer": tokenizer_digest(tokenizer_dir),
-                 "encoding": encoding_of(spec)}
+                 "seq_len": spec.optim.seq_len, "objective": spec.objective}
     blob = json.dumps(described, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20], described
 
@@ -107,28 +95,21 @@ def lookup(root: Path, key: str) -> TokenCache | None:
     return TokenCache(path, manifest, hit=True)
 
 
-def _units(spec, convert) -> list[dict]:
-    """What the writer tasks read, in order: chunks of the built-in task's documents (chat
-    rows for SFT), or one unit per file. ``convert``: the encoder's, for ``data.max_rows``."""
-    from raystages.data.sources import source_files
+def _units(spec) -> list[dict]:
+    """What the writer tasks read, in order: built-in document chunks, or one unit per file."""
+    from raystages.data.sources import source_files, text_of
 
     d = spec.data
     if d.source == "builtin":
+        from raystages.task.splits import pretrain_texts
+
         b = d.builtin
+        kw = {"noise": b.noise, "min_len": b.min_len, "max_len": b.max_len}
         units = []
         for split, n in (("train", b.num_train), ("val", b.num_val)):
-            if spec.stage == "sft":
-                from raystages.task.splits import sft_rows
-
-                rows = sft_rows(split, n, b.seed, min_len=b.min_len, max_len=b.max_len)
-                units += [{"split": split, "rows": rows[i:i + BUILTIN_DOCS_PER_UNIT], "first": i}
-                          for i in range(0, len(rows), BUILTIN_DOCS_PER_UNIT)]
-            else:
-                from raystages.task.splits import pretrain_texts
-
-                texts = pretrain_texts(split, n, b.seed, noise=b.noise, min_len=b.min_len, max_len=b.max_len)
-                units += [{"split": split, "texts": texts[i:i + BUILTIN_DOCS_PER_UNIT]}
-                          for i in range(0, len(texts), BUILTIN_DOCS_PER_UNIT)]
+            texts = pretrain_texts(split, n, b.seed, **kw)
+            units += [{"split": split, "texts": texts[i:i + BUILTIN_DOCS_PER_UNIT]}
+                      for i in range(0, len(texts), BUILTIN_DOCS_PER_UNIT)]
         return [u | {"index": i} for i, u in enumerate(units)]
     every = holdout_every(spec)
     units = []
@@ -136,7 +117,7 @@ def _units(spec, convert) -> list[dict]:
         if source is None:
             continue
         files = source_files(source)
-        caps = (_row_caps(files, convert, d.max_rows) if files and d.max_rows
+        caps = (_row_caps(files, text_of(d.text_field), d.max_rows) if files and d.max_rows
                 else [None] * len(files or []))
         units += ([{"split": split, "path": str(f), "cap": c, "every": every}
                    for f, c in zip(files, caps) if c != 0]
@@ -168,28 +149,25 @@ def _row_caps(files: list[Path], convert, max_rows: int) -> list[int]:
 
 
 def fill(spec, tokenizer_dir: str, key: str, described: dict) -> TokenCache:
-    """Tokenise and encode the spec's source with Ray Data writer tasks into the cache."""
+    """Tokenise and pack the spec's source with Ray Data writer tasks into the cache."""
     import ray.data
 
-    from raystages.data.encoders import encoder_for
     from raystages.data.shards import write_units
     from raystages.data.sources import DataError
-    from raystages.models import load_tokenizer
 
     root = cache_root(spec)
     tmp = root / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         d = spec.data
-        encoding = described["encoding"]
-        convert = encoder_for(encoding, load_tokenizer(tokenizer_dir)).convert if d.max_rows else None
-        units = _units(spec, convert)
+        units = _units(spec)
         if not units:
             raise DataError(f"{d.source}: no usable rows within data.max_rows")
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
         results = ds.map_batches(
             write_units, batch_size=1, batch_format="numpy",
-            fn_kwargs={"out_dir": str(tmp), "tokenizer_dir": tokenizer_dir, "encoding": encoding,
+            fn_kwargs={"out_dir": str(tmp), "tokenizer_dir": tokenizer_dir, "seq_len": spec.optim.seq_len,
+                       "objective": spec.objective, "text_field": d.text_field,
                        "on_bad_row": d.on_bad_row}).take_all()
         results.sort(key=lambda r: r["index"])
         errors = [r["error"] for r in results if r["error"]]
@@ -206,7 +184,6 @@ def fill(spec, tokenizer_dir: str, key: str, described: dict) -> TokenCache:
             "skipped": sum(int(r["skipped"]) for r in results),
             "skipped_notes": [n for r in results for n in json.loads(r["notes"])][:20],
             "skipped_by_reason": _sum_counts(json.loads(r["reasons"]) for r in results),
-            "counts": _sum_counts(json.loads(r["counts"]) for r in results),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         return _publish(tmp, root, key, manifest)

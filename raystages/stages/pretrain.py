@@ -17,7 +17,8 @@ import time
 from collections.abc import Iterator
 from itertools import islice
 
-from raystages.data.sources import DataError, iter_source, text_of
+from raystages.data.sources import (DataError, _file_rows, check_source, iter_source, source_files,
+                                    text_of)
 from raystages.train.stage import Stage
 
 
@@ -55,12 +56,36 @@ def sample_docs(spec, source: str | None = None) -> Iterator[str]:
             continue
 
 
-def preflight(spec, produced) -> list[str]:
-    """The first rows of every file, read before Ray starts: a wrong format or text field
-    exits 2 at once rather than after the cache fill started."""
-    from raystages.data.sources import head_problems
+HEAD_ROWS = 5
 
-    return head_problems(spec.data, text_of(spec.data.text_field))
+
+def preflight(spec, produced) -> list[str]:
+    """The first rows of every file, read before Ray starts, so a wrong format or text
+    field exits 2 at once rather than after the cache fill started: with
+    ``on_bad_row=error`` any bad one among them is a problem, with ``skip`` only a file
+    whose first rows are all bad."""
+    d = spec.data
+    out = []
+    convert = text_of(d.text_field)
+    for field in ("source", "val_source"):
+        value = getattr(d, field)
+        files = source_files(value) if value and value != "builtin" and not check_source(value) else None
+        for f in files or []:
+            bad, good = [], 0
+            try:
+                for where, row in islice(_file_rows(f), HEAD_ROWS):
+                    try:
+                        if isinstance(row, DataError):
+                            raise row
+                        convert(row)
+                        good += 1
+                    except DataError as e:
+                        bad.append(f"{where}: {e}")
+            except DataError as e:
+                bad.append(str(e))
+            if bad and (d.on_bad_row == "error" or not good):
+                out.append(f"data.{field}: {bad[0]}")
+    return out
 
 
 def prepare(spec):

@@ -104,72 +104,49 @@ def task_accuracy(checkpoint: str, tokenizer_dir: str, prompts: list[str], max_n
     return sum(is_correct(p, a) for p, a in zip(prompts, answers)) / len(prompts), samples
 
 
-def preflight(spec, produced) -> list[str]:
-    """Chat SFT: the first rows of every file hold conversations (before Ray starts; the
-    cache fill checks every row, lengths included)."""
-    if spec.sft.task != "chat":
-        return []
-    from raystages.data.chat import conversations_of
-    from raystages.data.sources import head_problems
-
-    return head_problems(spec.data, lambda row: conversations_of(row, spec.sft.fields))
-
-
-def prepare(spec):
-    """``(tokenizer dir, token cache)`` of a chat SFT run: checks, the parent's tokenizer, Ray,
-    and the cache of labelled examples (filled now if missing). The rows are read, labelled
-    and padded or packed by Ray Data tasks: the driver holds only the counts.
-    ``raystages prepare`` stops here."""
-    from raystages.data import token_cache
-    from raystages.data.tokenizer import prepare_tokenizer
-    from raystages.train.console import mark
-    from raystages.train.runner import connect_ray, save_run_spec
-
-    check_parent(spec)
-    save_run_spec(spec)
-    tokenizer_dir = prepare_tokenizer(spec, [])
-    mark("tokenizer")
-    connect_ray()
-    cache = token_cache.ensure(spec, tokenizer_dir)
-    mark("data")
-    return tokenizer_dir, cache
-
-
 def run(spec) -> "StageResult":
     if spec.sft.task != "chat":  # a new output layer instead of the LM head
         from raystages.stages import task_heads
 
         return task_heads.run(spec)
-    from raystages.data.order import read_blocks, shard_order
-    from raystages.train.runner import EXPORT_DIR, finish_stage, run_training
+    from raystages.data.chat import load_split, pack_examples, pad_examples, sft_converter, skip_reasons
+    from raystages.data.tokenizer import prepare_tokenizer
+    from raystages.models import load_tokenizer
+    from raystages.task.splits import sft_rows
+    from raystages.train.runner import EXPORT_DIR, connect_ray, finish_stage, run_training, save_run_spec
 
     started = time.time()
-    tokenizer_dir, cache = prepare(spec)
-    counts = cache.manifest["counts"]
-    n_train, n_val = counts.get("train_examples", 0), counts.get("val_examples", 0)
-    check_sizes(spec, n_train, n_val, "examples")
+    parent = check_parent(spec)
+    save_run_spec(spec)
+    tokenizer_dir = prepare_tokenizer(spec, [])
+    tok = load_tokenizer(tokenizer_dir)
+    convert = sft_converter(spec.sft.fields, tok, spec.optim.seq_len, spec.sft.truncate)
+    train_rows, val_rows, skipped = load_split(spec.data, convert, sft_rows)
+    train = [e for row in train_rows for e in row]
+    val = [e for row in val_rows for e in row]
+    check_sizes(spec, len(train), len(val), "examples")
     if spec.sft.packing:
-        check_sizes(spec, cache.blocks["train"], n_val, "packed blocks")
+        train_arrays = pack_examples(train, spec.optim.seq_len, tok.pad_token_id)
+        check_sizes(spec, len(train_arrays["input_ids"]), len(val), "packed blocks")
+    else:
+        train_arrays = pad_examples(train, tok.pad_token_id)
     builtin = spec.data.source == "builtin" and spec.sft.eval_prompts > 0
     if builtin:
         prompts = task_eval_prompts(spec.data, spec.sft.eval_prompts)
-        acc_before, _ = task_accuracy(spec.model.path, tokenizer_dir, prompts, spec.sft.max_new_tokens)
-    stage = SftStage()
-    stage.shuffle_buffer = spec.data.shuffle_buffer
-    need = spec.scaling.num_workers * spec.optim.micro_batch_size
-    datasets = {"train": read_blocks(shard_order(cache.files("train"), spec.run.seed)),
-                "val": read_blocks(cache.files("val")).limit(need * spec.run.eval_batches)}
-    metrics = run_training(spec, stage, datasets, tokenizer_dir)
+        acc_before, _ = task_accuracy(parent, tokenizer_dir, prompts, spec.sft.max_new_tokens)
+
+    connect_ray()
+    datasets = {"train": ray_dataset(train_arrays, spec.run.seed),
+                "val": ray_dataset(pad_examples(val, tok.pad_token_id), None)}
+    metrics = run_training(spec, SftStage(), datasets, tokenizer_dir)
     export = spec.run_dir() / EXPORT_DIR
-    metrics.update(train_examples=n_train, val_examples=n_val, skipped_rows=cache.manifest["skipped"],
-                   skipped_by_reason=cache.manifest["skipped_by_reason"],
-                   train_tokens=counts.get("train_tokens", 0),
-                   train_supervised_tokens=counts.get("train_supervised_tokens", 0),
-                   token_cache="hit" if cache.hit else "miss")
+    metrics.update(train_examples=len(train), val_examples=len(val), skipped_rows=len(skipped),
+                   skipped_by_reason=skip_reasons(skipped),
+                   train_tokens=sum(len(e["input_ids"]) for e in train),
+                   train_supervised_tokens=sum(sum(t != IGNORE for t in e["labels"][1:]) for e in train))
     samples = []
     if builtin:
         acc_after, samples = task_accuracy(str(export), tokenizer_dir, prompts, spec.sft.max_new_tokens)
         metrics.update(accuracy_before=acc_before, accuracy_after=acc_after, eval_prompts=len(prompts))
     metrics["wall_s"] = round(time.time() - started, 1)
-    return finish_stage(spec, export, metrics, spec.model.path, cache.manifest["skipped_notes"],
-                        samples[: spec.run.samples])
+    return finish_stage(spec, export, metrics, parent, skipped, samples[: spec.run.samples])
